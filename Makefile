@@ -1,0 +1,27 @@
+# `make demo`: set up .venv and run the main job on the embedded synthetic crowds.
+# `make test`: set up .venv if needed and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python train.py --model mcnn --out runs/demo/train
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/density.py
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,110 @@
+"""`CrowdDataset`: a ShanghaiTech-layout split as (image, target density at the model's stride, count)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from datasets.density import density_map, downsample
+from datasets.shanghaitech import ground_truth_file, list_images, load_image, read_h5_density, read_points
+from datasets.transforms import multiple_size, random_crop_flip, resize_to_multiple
+from utils.errors import ToolkitError
+
+DENSITY_SOURCES = ("adaptive", "fixed", "h5")
+
+
+class CrowdDataset(Dataset):
+    """Whole images resized to the model's size rule (evaluation), or random crops with flips (training).
+
+    Items are `(image (3, h, w) in [0, 1], target (1, h/stride, w/stride), count)`. The target is made from the
+    head points at the image's working size and sum-pooled to the stride, so its sum is the number of heads; the
+    count of a whole image is the number of annotated heads inside it.
+    """
+
+    def __init__(self, root: str | Path, stride: int, size_multiple: int, density: str = "adaptive",
+                 crop: int | None = None, flip: bool = True, max_images: int | None = None, cache: bool = True,
+                 grey: bool = False):
+        if density not in DENSITY_SOURCES:
+            raise ToolkitError(f"unknown density source {density!r}; choose from {', '.join(DENSITY_SOURCES)}")
+        if crop is not None and (crop <= 0 or crop % size_multiple):
+            raise ToolkitError(f"crop must be a positive multiple of {size_multiple}, got {crop}")
+        self.root = Path(root)
+        self.images = list_images(self.root)[:max_images]
+        self.stride, self.size_multiple, self.density = stride, size_multiple, density
+        self.crop, self.flip, self.grey = crop, flip, grey
+        self._cache: dict[int, tuple] = {} if cache else None
+        for image in self.images:  # fail on a missing annotation now, not mid-epoch
+            self._annotation(image)
+
+    @classmethod
+    def for_model(cls, root: str | Path, model, **kwargs) -> CrowdDataset:
+        """A dataset shaped by the model's stride and size rule; grey models read the JPEG's own luma."""
+        return cls(root, model.stride, model.size_multiple, grey=model.native_channels == 1, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.images]
+
+    def _annotation(self, image: Path) -> Path:
+        suffix = ".h5" if self.density == "h5" else ".mat"
+        path = ground_truth_file(image, suffix)
+        if path is None:
+            raise ToolkitError(f"no ground truth for {image} (expected ground_truth/"
+                               f"{'GT_' + image.stem + '.mat' if suffix == '.mat' else image.stem + '.h5'})")
+        return path
+
+    def counts(self) -> np.ndarray:
+        """Ground-truth count of every image (number of heads inside it)."""
+        return np.array([self._load(i)[2] for i in range(len(self))], dtype=np.float64)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray | None, float]:
+        """(image, points or None for an h5 density, count), cached when asked."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        path = self.images[index]
+        image = load_image(path, self.grey)
+        h, w = image.shape[-2:]
+        if self.density == "h5":
+            full = read_h5_density(self._annotation(path))
+            if full.shape != (h, w):
+                raise ToolkitError(f"{self._annotation(path)}: density is {full.shape}, image is {(h, w)}")
+            item = (image, full, float(full.sum()))
+        else:
+            points = read_points(self._annotation(path), h, w)
+            item = (image, points, float(len(points)))
+        if self._cache is not None:
+            self._cache[index] = item
+        return item
+
+    def _full_density(self, index: int) -> torch.Tensor:
+        image, source, _ = self._load(index)
+        if self.density == "h5":
+            return torch.from_numpy(source)
+        key = ("density", index)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        den = torch.from_numpy(density_map(source, tuple(image.shape[-2:]), self.density))
+        if self._cache is not None:
+            self._cache[key] = den
+        return den
+
+    def __getitem__(self, index: int):
+        image, source, count = self._load(index)
+        if self.crop is not None:
+            image, den = random_crop_flip(image, self._full_density(index), self.crop, self.flip)
+            return image, downsample(den, self.stride)[None], float(den.sum())
+        h, w = multiple_size(*image.shape[-2:], self.size_multiple)
+        if self.density == "h5":
+            full = torch.from_numpy(source)[None, None]
+            den = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            den *= count / max(float(den.sum()), 1e-12)
+        else:
+            scale = np.array([w / image.shape[-1], h / image.shape[-2]])
+            den = torch.from_numpy(density_map(source * scale, (h, w), self.density))
+        return resize_to_multiple(image, self.size_multiple), downsample(den, self.stride)[None], count

@@ -1,0 +1,43 @@
+"""Geometric transforms applied jointly to an image (3, H, W) and its density (H, W)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def multiple_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """The size a model's input rule asks for: each side floored to a multiple (never below one multiple)."""
+    return max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
+
+
+def resize_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Bilinear resize of (3, H, W) or (N, 3, H, W) to sides that are multiples of `multiple` (as MCNN's loader)."""
+    size = multiple_size(image.shape[-2], image.shape[-1], multiple)
+    if size == tuple(image.shape[-2:]):
+        return image
+    batch = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+    return out if image.dim() == 4 else out[0]
+
+
+def pad_to(image: torch.Tensor, density: torch.Tensor, height: int, width: int):
+    """Zero-pad image and density at the bottom/right up to at least (height, width)."""
+    pad_h, pad_w = max(0, height - image.shape[-2]), max(0, width - image.shape[-1])
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h))
+        density = F.pad(density, (0, pad_w, 0, pad_h))
+    return image, density
+
+
+def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip: bool = True,
+                     generator: torch.Generator | None = None):
+    """A random `size`×`size` window of image and density (padded if smaller), flipped left-right with p=0.5."""
+    image, density = pad_to(image, density, size, size)
+    h, w = image.shape[-2:]
+    top = int(torch.randint(h - size + 1, (1,), generator=generator))
+    left = int(torch.randint(w - size + 1, (1,), generator=generator))
+    image = image[..., top:top + size, left:left + size]
+    density = density[..., top:top + size, left:left + size]
+    if flip and bool(torch.rand((), generator=generator) < 0.5):
+        image, density = image.flip(-1), density.flip(-1)
+    return image, density

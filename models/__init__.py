@@ -1,0 +1,38 @@
+"""The five crowd-counting networks behind one interface: `build(name, weights=None, **kwargs)`."""
+import inspect
+from pathlib import Path
+
+from models.can import build_can
+from models.cmtl import build_cmtl
+from models.counter import CrowdCounter
+from models.csrnet import build_csrnet
+from models.danet import build_danet
+from models.mcnn import build_mcnn
+from models.weights import checkpoint_state, load_weights
+from utils.errors import ToolkitError
+
+MODEL_NAMES = ("mcnn", "csrnet", "can", "cmtl", "danet")
+_BUILDERS = {"mcnn": build_mcnn, "csrnet": build_csrnet, "can": build_can, "cmtl": build_cmtl,
+             "danet": build_danet}
+_ALIASES = {"da-net": "danet", "da_net": "danet"}
+
+__all__ = ["MODEL_NAMES", "CrowdCounter", "build", "checkpoint_state", "load_weights"]
+
+
+def build(name: str, weights: str | Path | None = None, **kwargs) -> CrowdCounter:
+    """A fresh model by name (case-insensitive), optionally loaded from a weight file or checkpoint.
+
+    kwargs: csrnet `upsample`, `vgg_weights`; can and danet `vgg_weights`; cmtl `level_width`.
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _BUILDERS:
+        raise ToolkitError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    options = inspect.signature(_BUILDERS[key]).parameters
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ToolkitError(f"{key} has no option {', '.join(unknown)}; "
+                           f"its options: {', '.join(options) or 'none'}")
+    model = _BUILDERS[key](**kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model

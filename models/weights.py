@@ -1,0 +1,135 @@
+"""Weight files: the original releases (flat-name HDF5, `.pth`/`.pth.tar`) and the project's checkpoints."""
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.counter import CrowdCounter
+from utils.errors import ToolkitError
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+# Prefixes some files use for the same module: DA-Net's source calls the network `fine`, its release `DA_Net`.
+PREFIX_ALIASES = {"danet": {"fine.": "DA_Net."}}
+# Entries of original files that are not network weights: CMTL's BCE class weights (a buffer in PyTorch 0.3).
+IGNORED_KEYS = {"cmtl": {"loss_bce_fn.weight"}}
+SHOWN = 8  # names listed per kind of mismatch before "… and N more"
+
+
+def checkpoint_state(model: CrowdCounter) -> dict:
+    """What a checkpoint must hold to rebuild the model: its name, build kwargs and `.net` state dict."""
+    kwargs = dict(model.model_kwargs)
+    if "level_width" in kwargs:  # training code may re-set CMTL's level width after build
+        kwargs["level_width"] = float(model.level_width)
+    return {"model": model.name, "model_kwargs": kwargs, "state_dict": model.net.state_dict()}
+
+
+def _read_hdf5(path: Path) -> dict[str, Tensor]:
+    """Every dataset by its full name; the originals store flat names such as `DME.branch1.0.conv.weight`."""
+    state: dict[str, Tensor] = {}
+
+    def keep(name: str, item: object) -> None:
+        if isinstance(item, h5py.Dataset):
+            state[name.replace("/", ".")] = torch.from_numpy(np.array(item))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(keep)
+    return state
+
+
+def read_weights_file(path: Path) -> object:
+    """The content of an HDF5 file (name -> tensor) or of a torch file (loaded with weights_only)."""
+    if not path.is_file():
+        raise ToolkitError(f"weights file not found: {path}")
+    try:
+        if path.suffix.lower() in HDF5_SUFFIXES:
+            return _read_hdf5(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # h5py, zipfile, pickle and torch each raise their own types for a broken file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToolkitError(f"cannot read weights file {path}: {detail}") from e
+
+
+def _state_dict(obj: object, source: str, name: str) -> dict[str, Tensor]:
+    """The state dict in a file's content: plain, under `state_dict` (CSRNet/CAN releases, ours)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"] != name:
+        raise ToolkitError(f"{source} is a {obj['model']} checkpoint, not {name}")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ToolkitError(f"{source} holds no state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _canonical(state: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Undo DataParallel's `module.` prefix and known renames; drop known non-weight entries."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for old, new in PREFIX_ALIASES.get(name, {}).items():
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+        if key not in IGNORED_KEYS.get(name, ()):
+            out[key] = value
+    return out
+
+
+def _shape(shape: tuple) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _capped(items: list[str]) -> str:
+    more = f" … and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _check_fits(state: dict[str, Tensor], net: nn.Module, source: str, name: str) -> None:
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [f"{k} {_shape(s)}" for k, s in want.items() if k not in got]
+    unexpected = [f"{k} {_shape(s)}" for k, s in got.items() if k not in want]
+    wrong = [f"{k} (file {_shape(got[k])}, model {_shape(s)})" for k, s in want.items() if got.get(k, s) != s]
+    problems = [f"{kind} {_capped(items)}" for kind, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    if problems:
+        raise ToolkitError(f"{source} does not fit {name}: " + "; ".join(problems))
+
+
+def load_weights(model: CrowdCounter, path: str | Path) -> None:
+    """Load a weight file into `model.net`, strictly: the names and shapes must match exactly."""
+    load_state(model, read_weights_file(Path(path)), str(path))
+
+
+def load_state(model: CrowdCounter, content: object, source: str) -> None:
+    """Load the content of a weight file already read (checkpoint dict or state dict) into `model.net`.
+
+    `source` names it in error messages.
+    """
+    state = _canonical(_state_dict(content, source, model.name), model.name)
+    _check_fits(state, model.net, source, model.name)
+    model.net.load_state_dict(state)
+
+
+def copy_vgg16(convs: list[nn.Conv2d], path: str | Path) -> None:
+    """Overwrite `convs` in order with the convs of a torchvision VGG-16 state-dict file (`features.N.*`).
+
+    A conv with fewer input channels than VGG's takes VGG's leading ones (DA-Net's grey conv1_1: channel 0).
+    """
+    path = Path(path)
+    state = read_weights_file(path)
+    if not isinstance(state, dict):
+        state = {}
+    keys = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k)]
+    keys.sort(key=lambda k: int(k.split(".")[1]))
+    if len(keys) < len(convs):
+        raise ToolkitError(f"{path} is not a torchvision VGG-16 state dict (features.N.weight / .bias)")
+    with torch.no_grad():
+        for conv, key in zip(convs, keys, strict=False):
+            weight, bias = state[key][:, :conv.in_channels], state.get(key.replace(".weight", ".bias"))
+            if weight.shape != conv.weight.shape or bias is None or bias.shape != conv.bias.shape:
+                raise ToolkitError(f"{path}: {key} {_shape(tuple(state[key].shape))} does not fit "
+                                   f"the VGG-16 conv {_shape(tuple(conv.weight.shape))}")
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)

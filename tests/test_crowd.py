@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from datasets.crowd import CrowdDataset
+from datasets.density import density_map, downsample
+from datasets.shanghaitech import ground_truth_file, load_image, read_points
+from utils.errors import ToolkitError
+
+
+@pytest.mark.parametrize("stride,multiple", [(4, 4), (8, 8), (16, 16), (1, 4)])
+def test_whole_images_follow_the_model_size_rule(tiny_crowds, stride, multiple):
+    ds = CrowdDataset(tiny_crowds / "test_data", stride, multiple, "fixed")
+    for i in range(len(ds)):
+        image, target, count = ds[i]
+        h, w = image.shape[-2:]
+        assert h % multiple == 0 and w % multiple == 0
+        assert target.shape == (1, h // stride, w // stride)
+        # the fixed kernel keeps every head's mass inside the image
+        assert float(target.sum()) == pytest.approx(count, abs=1e-3)
+        points = read_points(ground_truth_file(ds.images[i], ".mat"))
+        assert count == len(points)
+
+
+def test_crops_keep_the_density_of_their_window(tiny_crowds):
+    torch.manual_seed(0)
+    ds = CrowdDataset(tiny_crowds / "train_data", 4, 4, "adaptive", crop=64, flip=False)
+    full = torch.from_numpy(density_map(ds._load(0)[1], (96, 128), "adaptive"))
+    image, target, count = ds[0]
+    assert image.shape == (3, 64, 64) and target.shape == (1, 16, 16)
+    source = load_image(ds.images[0])
+    # locate the window by matching pixels, then compare the pooled density of that window
+    match = [(t, left) for t in range(33) for left in range(65)
+             if torch.equal(source[:, t:t + 64, left:left + 64], image)]
+    assert len(match) >= 1
+    top, left = match[0]
+    expected = downsample(full[top:top + 64, left:left + 64], 4)
+    torch.testing.assert_close(target[0], expected)
+    assert count == pytest.approx(float(expected.sum()), abs=1e-5)
+
+
+def test_flip_moves_image_and_density_together(tiny_crowds):
+    ds = CrowdDataset(tiny_crowds / "train_data", 1, 4, "fixed", crop=96, flip=True)
+    source = load_image(ds.images[1])
+    full = torch.from_numpy(density_map(ds._load(1)[1], (96, 128), "fixed"))
+    outcomes = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        image, target, _ = ds[1]
+        for left in range(33):
+            window, den = source[:, :, left:left + 96], full[:, left:left + 96]
+            for flipped in (False, True):
+                if torch.equal(image, window.flip(-1) if flipped else window):
+                    torch.testing.assert_close(target[0], den.flip(-1) if flipped else den)
+                    outcomes.add(flipped)
+    assert outcomes == {False, True}
+
+
+def test_h5_densities_are_read(tiny_crowds, tmp_path):
+    import shutil
+
+    from make_dataset import write_densities
+
+    split = tmp_path / "test_data"
+    shutil.copytree(tiny_crowds / "test_data", split)
+    assert write_densities(split, "fixed") == 3
+    a = CrowdDataset(split, 4, 4, "h5")
+    b = CrowdDataset(split, 4, 4, "fixed")
+    for i in range(len(a)):
+        torch.testing.assert_close(a[i][1].sum(), b[i][1].sum(), atol=1e-3, rtol=0)
+
+
+def test_bad_arguments(tiny_crowds, tmp_path):
+    with pytest.raises(ToolkitError, match="crop must be a positive multiple"):
+        CrowdDataset(tiny_crowds / "train_data", 8, 8, crop=60)
+    with pytest.raises(ToolkitError, match="unknown density"):
+        CrowdDataset(tiny_crowds / "train_data", 8, 8, density="gaussian")
+    (tmp_path / "images").mkdir()
+    img = (tiny_crowds / "train_data" / "images").iterdir().__next__()
+    (tmp_path / "images" / img.name).write_bytes(img.read_bytes())
+    with pytest.raises(ToolkitError, match="no ground truth"):
+        CrowdDataset(tmp_path, 4, 4)

@@ -1,0 +1,132 @@
+"""APAM: a universal adversarial patch optimised with an L1-normalised, momentum gradient step (DESIGN §5).
+
+The loss is the MSE between the density of the patched image and a target density `l*` (or ∓ the count for the
+untargeted variants), plus an optional total-variation weight on the patch. Each step descends that loss.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.errors import ToolkitError
+from utils.patch import PatchTransform, apply_patch, sample_centers
+from utils.runtime import autocast
+
+TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
+MOMENTUM_FORMS = ("mifgsm", "paper")
+
+
+@dataclass
+class APAMConfig:
+    target: str = "pred-scale"  # l* = tau × clean prediction (csr_attack.py); gt-scale: tau × ground truth
+    tau: float = 10.0
+    lr: float = 0.01  # η, in [0, 1] pixel units per step
+    momentum: float = 0.9  # ζ
+    momentum_form: str = "mifgsm"  # v = ζ v + ĝ, p -= η sign(v); paper: V = ζ p + (1 - ζ) ĝ, p -= η V
+    tv_weight: float = 0.0  # γ
+    placement: str = "center"
+    transform: PatchTransform = field(default_factory=PatchTransform)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ToolkitError(f"unknown attack target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.momentum_form not in MOMENTUM_FORMS:
+            raise ToolkitError(f"unknown momentum form {self.momentum_form!r}; choose from "
+                               f"{', '.join(MOMENTUM_FORMS)}")
+        if not 0 <= self.momentum <= 1:
+            raise ToolkitError(f"momentum must lie in [0, 1], got {self.momentum}")
+
+
+def total_variation(patch: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring patch pixels (a smoothness penalty)."""
+    return (patch[:, 1:, :] - patch[:, :-1, :]).abs().mean() + (patch[:, :, 1:] - patch[:, :, :-1]).abs().mean()
+
+
+def target_density(kind: str, tau: float, clean: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor | None:
+    """The density l* the attack pulls towards (None for the untargeted count objectives)."""
+    if kind == "pred-scale":
+        return tau * clean
+    if kind == "gt-scale":
+        if gt is None:
+            raise ToolkitError("target gt-scale needs ground-truth densities")
+        return tau * gt
+    if kind == "zero":
+        return torch.zeros_like(clean)
+    return None
+
+
+def attack_loss(pred: torch.Tensor, kind: str, target: torch.Tensor | None) -> torch.Tensor:
+    """Per-batch loss that the attack descends: MSE to the target density, or ∓ the mean count."""
+    if kind == "maximize":
+        return -pred.sum(dim=(1, 2, 3)).mean()
+    if kind == "minimize":
+        return pred.sum(dim=(1, 2, 3)).mean()
+    return F.mse_loss(pred.float(), target.float(), reduction="sum") / len(pred)
+
+
+def momentum_step(patch: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, lr: float, zeta: float,
+                  form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of (patch, velocity) from the raw gradient; the patch is clipped to [0, 1]."""
+    unit = grad / grad.abs().sum().clamp_min(1e-20)
+    if form == "paper":  # the literal rule of the paper's figure and code: "momentum" on the patch itself
+        velocity = zeta * patch + (1 - zeta) * unit
+        return (patch - lr * velocity).clamp(0, 1), velocity
+    velocity = zeta * velocity + unit  # MI-FGSM (Dong et al. 2018)
+    return (patch - lr * velocity.sign()).clamp(0, 1), velocity
+
+
+class APAM:
+    """Optimises one universal patch against `model` (which may include ablation in front, for EOT)."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], patch: torch.Tensor, mask: torch.Tensor,
+                 config: APAMConfig, generator: torch.Generator | None = None, amp: bool = True):
+        self.model, self.config, self.generator, self.amp = model, config, generator, amp
+        self.patch = patch.detach().clone().clamp_(0, 1)
+        self.mask = mask.to(patch.device)
+        self.velocity = torch.zeros_like(self.patch)
+
+    def batch_target(self, images: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor | None:
+        """l* of a batch; computed once per batch, since it depends on the clean images only."""
+        if self.config.target not in ("pred-scale", "gt-scale", "zero"):
+            return None
+        with torch.no_grad(), autocast(images.device, self.amp):
+            clean = self.model(images).float() if self.config.target != "gt-scale" else gt
+        return target_density(self.config.target, self.config.tau, clean, gt)
+
+    def loss(self, images: torch.Tensor, target: torch.Tensor | None, patch: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        centers = sample_centers(n, h, w, patch.shape[-1], self.config.placement, self.generator)
+        patched, _ = apply_patch(images, patch, self.mask, centers, self.config.transform, self.generator)
+        with autocast(images.device, self.amp):
+            pred = self.model(patched)
+        loss = attack_loss(pred, self.config.target, target)
+        if self.config.tv_weight:
+            loss = loss + self.config.tv_weight * total_variation(patch)
+        return loss
+
+    def step(self, images: torch.Tensor, target: torch.Tensor | None) -> float:
+        """Transforms, forward, backward and update on one batch; returns the loss before the update."""
+        patch = self.patch.requires_grad_(True)
+        loss = self.loss(images, target, patch)
+        (grad,) = torch.autograd.grad(loss, patch)
+        self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr,
+                                                  self.config.momentum, self.config.momentum_form)
+        return float(loss.detach())
+
+    def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, desc: str = "APAM") -> list[float]:
+        """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch."""
+        losses = []
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for images, gt in tqdm(batches(), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
+                                   dynamic_ncols=True):
+                target = self.batch_target(images, gt)
+                for _ in range(steps):
+                    total += self.step(images, target)
+                    count += 1
+            losses.append(total / max(count, 1))
+        return losses

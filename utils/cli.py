@@ -1,0 +1,103 @@
+"""Argument groups shared by the scripts, the run folder, and the error-to-one-line wrapper around `main`."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from utils.errors import ToolkitError
+from utils.io import save_json
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn") -> None:
+    from models import MODEL_NAMES
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default, help=f"one of {', '.join(MODEL_NAMES)} (default {default})")
+    group.add_argument("--weights", type=Path, help="original weight file (.h5/.pth/.pth.tar) or a checkpoint of ours")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data (ShanghaiTech layout; the cached synthetic set when none is given)")
+    group.add_argument("--data", type=Path, help="a root holding train_data/ and test_data/")
+    group.add_argument("--train-data", type=Path, help="a split folder with images/ and ground_truth/")
+    group.add_argument("--test-data", type=Path, help="a split folder with images/ and ground_truth/")
+    group.add_argument("--density", default="adaptive", choices=("adaptive", "fixed", "h5"),
+                       help="target density: geometry-adaptive or MCNN's fixed kernel from the points, "
+                            "or the CSRNet .h5 files beside them")
+    group.add_argument("--max-train-images", type=positive_int, help="use only the first N training images")
+    group.add_argument("--max-test-images", type=positive_int, help="use only the first N test images")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", type=Path, help="run folder (default runs/<script>/<timestamp>)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    group.add_argument("--no-amp", dest="amp", action="store_false", help="disable float16 autocast on CUDA")
+
+
+def synthetic_splits() -> tuple[Path, Path]:
+    """(train, test) splits of the cached synthetic crowd set, generated on first use."""
+    from datasets.synthetic import ensure_synthetic
+
+    root = ensure_synthetic()
+    print(f"no data given: using the synthetic crowd set at {root}")
+    return root / "train_data", root / "test_data"
+
+
+def check_split(split: Path) -> Path:
+    if not split.is_dir():
+        raise ToolkitError(f"data split not found: {split}")
+    return split
+
+
+def resolve_splits(data: Path | None, train: Path | None = None,
+                   test: Path | None = None) -> tuple[Path | None, Path | None]:
+    """(train split, test split): explicit folders, else `data`'s train_data/test_data, else synthetic crowds."""
+    if data is not None:
+        train = train or data / "train_data"
+        test = test or data / "test_data"
+    if train is None and test is None:
+        return synthetic_splits()
+    return tuple(None if split is None else check_split(split) for split in (train, test))
+
+
+def run_dir(args: argparse.Namespace, script: str) -> Path:
+    """Create the run folder (`--out` or runs/<script>/<timestamp>) and record the arguments in it."""
+    if args.out is None:
+        args.out = Path("runs") / script / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_json(args.out / "args.json", vars(args))
+    return args.out
+
+
+def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+        argv: list[str] | None = None) -> None:
+    """Parse and call `main`; a `ToolkitError` becomes one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except ToolkitError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

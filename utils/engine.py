@@ -1,0 +1,106 @@
+"""Training epochs, evaluation and run checkpoints, shared by the training and evaluation scripts."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from models.weights import checkpoint_state
+from utils.io import load_checkpoint, save_checkpoint
+from utils.metrics import game, summarize
+from utils.runtime import autocast
+
+GAME_LEVELS = (0, 1, 2, 3)
+
+
+def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return [t.to(device, non_blocking=True, memory_format=fmt if t.dim() == 4 else torch.preserve_format)
+            for t in tensors]
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = True,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "train") -> float:
+    """One pass over `loader` with `model.loss`; `transform` (e.g. ablation) is applied to each input batch."""
+    model.train()
+    total, seen = 0.0, 0
+    for images, targets, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images, targets = _to(device, images, targets)
+        if transform is not None:
+            images = transform(images)
+        with autocast(device, amp):
+            loss = model.loss(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += float(loss.detach()) * len(images)
+        seen += len(images)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, amp: bool = True,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_maps: int = 0,
+             desc: str = "eval") -> tuple[dict, list[dict], list[tuple]]:
+    """Whole-image evaluation at batch size 1 (sizes vary).
+
+    Returns (metrics with mae, mse (RMSE) and game0..3, one row per image, and the (image, target, prediction)
+    of the first `keep_maps` images for figures).
+    """
+    model.eval()
+    rows, maps = [], []
+    names = getattr(dataset, "names", [str(i) for i in range(len(dataset))])
+    loader = DataLoader(dataset, batch_size=1, shuffle=False)
+    for i, (image, target, count) in enumerate(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)):
+        image, target = _to(device, image, target)
+        if transform is not None:
+            image = transform(image)
+        with autocast(device, amp):
+            pred = model(image).float()
+        row = {"image": names[i], "gt": float(count), "pred": float(pred.sum())}
+        row.update({f"game{lv}": game(pred[0, 0], target[0, 0], lv) for lv in GAME_LEVELS})
+        rows.append(row)
+        if i < keep_maps:
+            maps.append((image[0].cpu(), target[0].cpu(), pred[0].cpu()))
+    gt, pred = [r["gt"] for r in rows], [r["pred"] for r in rows]
+    metrics = {**summarize(pred, gt), "n_images": len(rows)}
+    metrics.update({f"game{lv}": float(np.mean([r[f"game{lv}"] for r in rows])) for lv in GAME_LEVELS})
+    return metrics, rows, maps
+
+
+def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                        args, history: list[dict], best: float, extra: dict | None = None) -> Path:
+    """`last.pt`/`best.pt`: the model file format of `models.weights` plus what `--resume` needs."""
+    state = checkpoint_state(model)
+    state.update(optimizer=optimizer.state_dict(), epoch=epoch, args=_plain(vars(args)), history=history,
+                 best=best, **(extra or {}))
+    return save_checkpoint(path, state)
+
+
+def load_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer from a run checkpoint; returns the whole checkpoint dict."""
+    from models.weights import load_state
+
+    state = load_checkpoint(path)
+    load_state(model, state, str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _plain(obj):
+    """Arguments made safe for `torch.load(weights_only=True)`: paths and other objects become strings."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj if obj is None or isinstance(obj, bool | int | float | str) else str(obj)

@@ -1,0 +1,37 @@
+"""Counting metrics. "MSE" in crowd counting is the root of the mean squared count error (RMSE)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def mae(pred, gt) -> float:
+    return float(np.mean(np.abs(np.asarray(pred, dtype=np.float64) - np.asarray(gt, dtype=np.float64))))
+
+
+def rmse(pred, gt) -> float:
+    return float(np.sqrt(np.mean((np.asarray(pred, dtype=np.float64) - np.asarray(gt, dtype=np.float64)) ** 2)))
+
+
+def game(pred: torch.Tensor, gt: torch.Tensor, level: int) -> float:
+    """Grid Average Mean absolute Error of one image: |count error| summed over a 2^L × 2^L grid of regions.
+
+    `pred` and `gt` are densities of the same (h, w); the regions partition the map as evenly as its size allows.
+    """
+    cells = 2**level
+    h, w = pred.shape[-2:]
+    rows, cols = _cell_index(h, cells, pred.device), _cell_index(w, cells, pred.device)
+    region = (rows[:, None] * cells + cols[None, :]).flatten()
+    diff = (pred - gt).reshape(-1).double()
+    return float(torch.zeros(cells * cells, dtype=torch.float64, device=pred.device).index_add_(0, region, diff)
+                 .abs().sum())
+
+
+def _cell_index(n: int, cells: int, device) -> torch.Tensor:
+    """Cell of each of n positions when cell i spans [floor(i n / cells), floor((i + 1) n / cells))."""
+    bounds = torch.tensor([i * n // cells for i in range(1, cells)], device=device)
+    return torch.bucketize(torch.arange(n, device=device), bounds, right=True)
+
+
+def summarize(pred, gt) -> dict[str, float]:
+    return {"mae": mae(pred, gt), "mse": rmse(pred, gt)}

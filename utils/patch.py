@@ -1,0 +1,153 @@
+"""The patch engine: a (3, s, s) patch in [0, 1] RGB with a circle or square mask, applied to a batch of images
+with random rotation, scale, brightness and placement, in one `affine_grid`/`grid_sample` on the device.
+
+Composite: x' = (1 - M) * x + M * P, differentiable with respect to the patch only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from utils.errors import ToolkitError
+from utils.io import atomic_write, save_checkpoint
+
+SHAPES = ("circle", "square")
+PLACEMENTS = ("center", "random", "sweep")
+
+
+@dataclass
+class PatchTransform:
+    """Ranges of the random transforms (the paper's: ±5°, ×[0.975, 1.025], ±0.05)."""
+
+    rotation: float = 5.0  # degrees, uniform in [-rotation, rotation]
+    scale_min: float = 0.975
+    scale_max: float = 1.025
+    brightness: float = 0.05  # added to the patch, uniform in [-brightness, brightness]
+
+    @classmethod
+    def none(cls) -> PatchTransform:
+        return cls(rotation=0.0, scale_min=1.0, scale_max=1.0, brightness=0.0)
+
+
+def make_mask(size: int, shape: str = "circle") -> torch.Tensor:
+    """(1, s, s) mask: every pixel for `square`; pixel centres within s/2 of the centre for `circle`."""
+    if shape not in SHAPES:
+        raise ToolkitError(f"unknown patch shape {shape!r}; choose from {', '.join(SHAPES)}")
+    if size <= 0:
+        raise ToolkitError(f"patch size must be positive, got {size}")
+    if shape == "square":
+        return torch.ones(1, size, size)
+    c = torch.arange(size) + 0.5 - size / 2
+    return ((c[:, None] ** 2 + c[None, :] ** 2) <= (size / 2) ** 2).float()[None]
+
+
+def random_patch(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform noise in [0, 1]: the attack's start and the control patch."""
+    return torch.rand(3, size, size, generator=generator)
+
+
+def sweep_centers(height: int, width: int, size: int, per_side: int = 3) -> torch.Tensor:
+    """(per_side², 2) patch centres (x, y) on an even grid that keeps the patch inside the image."""
+    def axis(n: int) -> torch.Tensor:
+        return torch.linspace(size / 2, n - size / 2, per_side) if per_side > 1 else torch.tensor([n / 2])
+
+    ys, xs = torch.meshgrid(axis(height), axis(width), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+
+
+def sample_centers(n: int, height: int, width: int, size: int, placement: str,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 2) centres (x, y) in pixels: the image centre, or uniform positions that keep the patch inside."""
+    if placement == "center":
+        return torch.tensor([[width / 2, height / 2]]).expand(n, 2).clone()
+    if placement == "random":
+        u = torch.rand(n, 2, generator=generator)
+        return torch.stack([size / 2 + u[:, 0] * (width - size), size / 2 + u[:, 1] * (height - size)], dim=1)
+    raise ToolkitError(f"placement {placement!r} has no random draw; choose center or random (sweep is for evaluation)")
+
+
+def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, centers: torch.Tensor,
+                transform: PatchTransform | None = None, generator: torch.Generator | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste `patch` (3, s, s) under `mask` (1, s, s) into every image of `images` (N, 3, H, W) at `centers` (N, 2).
+
+    Each image gets its own random rotation, scale and brightness from `transform`. Returns the patched images
+    and the (N, 1, H, W) coverage mask. Randomness is drawn on the CPU generator, then moved to the device.
+    """
+    n, _, h, w = images.shape
+    size = patch.shape[-1]
+    if size > min(h, w):
+        raise ToolkitError(f"patch side {size} is larger than the images ({h}×{w})")
+    t = transform or PatchTransform.none()
+    u = torch.rand(n, 3, generator=generator)
+    angle = torch.deg2rad((2 * u[:, 0] - 1) * t.rotation)
+    scale = t.scale_min + u[:, 1] * (t.scale_max - t.scale_min)
+    bright = (2 * u[:, 2] - 1) * t.brightness
+
+    # Inverse map from image pixels to patch coordinates, in the normalised [-1, 1] frames of affine_grid
+    # (align_corners=False): patch = R(-angle) (pixel - centre) / (scale * s / 2).
+    cos, sin, k = torch.cos(angle), torch.sin(angle), 2 / (scale * size)
+    cx, cy = centers[:, 0].cpu().double(), centers[:, 1].cpu().double()
+    ox, oy = w / 2 - cx, h / 2 - cy
+    theta = torch.stack([
+        torch.stack([cos * w / 2 * k, sin * h / 2 * k, (cos * ox + sin * oy) * k], dim=1),
+        torch.stack([-sin * w / 2 * k, cos * h / 2 * k, (-sin * ox + cos * oy) * k], dim=1),
+    ], dim=1).to(images.device, images.dtype)
+
+    # Premultiplied alpha: sample [clamp(P + b) · M, M] together, so edges blend without darkening.
+    mask = mask.to(images.device, images.dtype)
+    shifted = (patch.to(images.dtype).unsqueeze(0) + bright.to(images).view(n, 1, 1, 1)).clamp(0, 1)
+    source = torch.cat([shifted * mask, mask.expand(n, 1, size, size)], dim=1)
+    grid = F.affine_grid(theta, [n, 4, h, w], align_corners=False)
+    canvas = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    covered = canvas[:, 3:]
+    return images * (1 - covered) + canvas[:, :3], covered
+
+
+def area_fraction(covered: torch.Tensor) -> float:
+    """Mean share of image pixels covered by the patch."""
+    return float(covered.mean())
+
+
+def save_patch(out: Path, patch: torch.Tensor, mask: torch.Tensor, shape: str, transform: PatchTransform,
+               extra: dict | None = None) -> None:
+    """`patch.pt` (tensor, mask and metadata) and `patch.png` (the masked patch on white)."""
+    from PIL import Image
+
+    state = {"patch": patch.detach().cpu().float(), "mask": mask.cpu().float(), "size": patch.shape[-1],
+             "shape": shape, "transform": asdict(transform), **(extra or {})}
+    save_checkpoint(out / "patch.pt", state)
+    rgb = (patch.detach().cpu() * mask.cpu() + (1 - mask.cpu())).clamp(0, 1)
+    img = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    atomic_write(out / "patch.png", lambda tmp: img.save(tmp, format="PNG"))
+
+
+def load_patch(path: str | Path) -> dict:
+    """A saved patch: dict with `patch` (3, s, s), `mask` (1, s, s), `size`, `shape` and `transform`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ToolkitError(f"patch file not found: {path}") from None
+    except Exception as e:
+        raise ToolkitError(f"cannot read patch file {path}: {e}") from None
+    patch = state.get("patch") if isinstance(state, dict) else None
+    if not isinstance(patch, torch.Tensor) or patch.dim() != 3 or patch.shape[0] != 3 \
+            or patch.shape[1] != patch.shape[2]:
+        shape = tuple(patch.shape) if isinstance(patch, torch.Tensor) else None
+        raise ToolkitError(f"{path} does not hold a (3, s, s) patch (found {shape})")
+    if state.get("mask") is None or tuple(state["mask"].shape) != (1, *patch.shape[1:]):
+        raise ToolkitError(f"{path}: mask does not match the patch size {patch.shape[-1]}")
+    return state
+
+
+def patch_side(frac: float, reference: int = 1024) -> int:
+    """The paper's patch side: int(frac × 1024), so 0.02/0.04/0.08/0.16 give 20/40/81/163 px."""
+    return int(reference * frac)
+
+
+def circle_area(size: int) -> float:
+    return math.pi * (size / 2) ** 2

@@ -1,0 +1,51 @@
+"""PNG figures: jet density maps beside their image, and training curves. Written atomically, no display."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from utils.io import atomic_write  # noqa: E402
+
+
+def _array(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def density_figure(path: str | Path, image, panels: Sequence[tuple[str, object]], title: str = "") -> Path:
+    """The image (3, H, W in [0, 1]) then one jet panel per `(label, density)`; labels carry the counts."""
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.4))
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(_array(image).transpose(1, 2, 0).clip(0, 1))
+    axes[0].set_title(title or "image")
+    for ax, (label, density) in zip(axes[1:], panels, strict=True):
+        den = _array(density).squeeze()
+        ax.imshow(den, cmap="jet")
+        ax.set_title(f"{label}: {den.sum():.1f}")
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def curve_figure(path: str | Path, series: dict[str, Sequence[float]], xlabel: str = "epoch",
+                 ylabel: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, ys in series.items():
+        ax.plot(range(1, len(ys) + 1), ys, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
