@@ -29,9 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=cli.positive_int, default=40)
-    group.add_argument("--batch-size", type=cli.positive_int, default=8)
+    group.add_argument("--batch-size", type=cli.positive_int, default=4)
     group.add_argument("--crop", type=cli.positive_int, default=128, help="side of the random training crops")
-    group.add_argument("--lr", type=cli.positive_float, default=1e-3)
+    group.add_argument("--lr", type=cli.positive_float, default=1e-3, help="Adam's rate, cosine-annealed to 0")
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (needs --out)")
     cli.add_run_args(parser)
@@ -57,6 +57,7 @@ def main(args: argparse.Namespace) -> dict:
         model.level_width.fill_(max(float(train_counts.max()) / 10, 1.0))
     model = prepare_model(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=len(train_set) > args.batch_size, pin_memory=device.type == "cuda")
@@ -66,21 +67,25 @@ def main(args: argparse.Namespace) -> dict:
         if not (out / "last.pt").is_file():
             raise ToolkitError(f"nothing to resume: {out / 'last.pt'} does not exist")
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start + 1}")
 
     baseline = mae(np.full(len(test_set), train_counts.mean()), test_set.counts())
     for epoch in range(start, args.epochs):
         loss = train_one_epoch(model, loader, optimizer, device, scaler, args.amp, desc=f"epoch {epoch + 1}")
+        scheduler.step()
         metrics, rows, _ = evaluate(model, test_set, device, args.amp)
         history.append({"epoch": epoch + 1, "loss": loss, "mae": metrics["mae"], "mse": metrics["mse"]})
         print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  test MAE {metrics['mae']:.2f}  "
               f"RMSE {metrics['mse']:.2f}  (mean-count baseline MAE {baseline:.2f})")
         if metrics["mae"] < best:
             best = metrics["mae"]
-            save_run_checkpoint(out / "best.pt", model, optimizer, epoch, args, history, best)
+            save_run_checkpoint(out / "best.pt", model, optimizer, epoch, args, history, best,
+                                {"scheduler": scheduler.state_dict()})
             save_csv(out / "per_image.csv", rows)
-        save_run_checkpoint(out / "last.pt", model, optimizer, epoch, args, history, best)
+        save_run_checkpoint(out / "last.pt", model, optimizer, epoch, args, history, best,
+                            {"scheduler": scheduler.state_dict()})
         save_csv(out / "log.csv", history)
 
     if not history:
