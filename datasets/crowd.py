@@ -63,6 +63,12 @@ class CrowdDataset(Dataset):
         """Ground-truth count of every image (number of heads inside it)."""
         return np.array([self._load(i)[2] for i in range(len(self))], dtype=np.float64)
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """(h, w) of every item as `__getitem__` returns it."""
+        if self.crop is not None:
+            return [(self.crop, self.crop)] * len(self)
+        return [multiple_size(*self._load(i)[0].shape[-2:], self.size_multiple) for i in range(len(self))]
+
     def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray | None, float]:
         """(image, points or None for an h5 density, count), cached when asked."""
         if self._cache is not None and index in self._cache:
@@ -108,3 +114,16 @@ class CrowdDataset(Dataset):
             scale = np.array([w / image.shape[-1], h / image.shape[-2]])
             den = torch.from_numpy(density_map(source * scale, (h, w), self.density))
         return resize_to_multiple(image, self.size_multiple), downsample(den, self.stride)[None], count
+
+
+def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bool = False,
+                      generator: torch.Generator | None = None) -> list[list[int]]:
+    """Indices grouped into batches of equal image size (ShanghaiTech A sizes vary; B and synthetic do not)."""
+    order = torch.randperm(len(sizes), generator=generator).tolist() if shuffle else range(len(sizes))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        groups.setdefault(sizes[i], []).append(i)
+    batches = [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches

@@ -18,6 +18,7 @@ import numpy as np
 
 from datasets.shanghaitech import write_points
 from utils.errors import ToolkitError
+from utils.runtime import cache_dir
 
 VERSION = 1  # bump whenever the rendering changes, so cached sets of the old look are not reused
 MANIFEST = "synthetic.json"
@@ -303,7 +304,7 @@ def ensure_synthetic(root: Path | None = None, **params) -> Path:
     bound.apply_defaults()
     p = {k: v for k, v in bound.arguments.items() if k != "root"}
     if root is None:
-        cache = Path(os.environ.get("CROWD_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
+        cache = cache_dir()
         name = (f"v{VERSION}-s{p['seed']}-{p['n_train']}x{p['n_test']}-{p['height']}x{p['width']}"
                 f"-c{p['max_count']}")
         root = cache / "synthetic" / name

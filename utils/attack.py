@@ -5,6 +5,7 @@ untargeted variants), plus an optional total-variation weight on the patch. Each
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -13,11 +14,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.errors import ToolkitError
-from utils.patch import PatchTransform, apply_patch, sample_centers
+from utils.patch import PatchTransform, apply_patch, sample_centers, sweep_centers
 from utils.runtime import autocast
 
 TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
 MOMENTUM_FORMS = ("mifgsm", "paper")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -28,6 +30,7 @@ class APAMConfig:
     momentum: float = 0.9  # ζ
     momentum_form: str = "mifgsm"  # v = ζ v + ĝ, p -= η sign(v); paper: V = ζ p + (1 - ζ) ĝ, p -= η V
     tv_weight: float = 0.0  # γ
+    schedule: str = "cosine"  # η decays to 0 over the run (cosine) or stays (constant, as the paper)
     placement: str = "center"
     transform: PatchTransform = field(default_factory=PatchTransform)
 
@@ -37,6 +40,8 @@ class APAMConfig:
         if self.momentum_form not in MOMENTUM_FORMS:
             raise ToolkitError(f"unknown momentum form {self.momentum_form!r}; choose from "
                                f"{', '.join(MOMENTUM_FORMS)}")
+        if self.schedule not in SCHEDULES:
+            raise ToolkitError(f"unknown step schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if not 0 <= self.momentum <= 1:
             raise ToolkitError(f"momentum must lie in [0, 1], got {self.momentum}")
 
@@ -108,25 +113,66 @@ class APAM:
             loss = loss + self.config.tv_weight * total_variation(patch)
         return loss
 
-    def step(self, images: torch.Tensor, target: torch.Tensor | None) -> float:
+    def step(self, images: torch.Tensor, target: torch.Tensor | None, lr: float | None = None) -> float:
         """Transforms, forward, backward and update on one batch; returns the loss before the update."""
         patch = self.patch.requires_grad_(True)
         loss = self.loss(images, target, patch)
         (grad,) = torch.autograd.grad(loss, patch)
-        self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr,
-                                                  self.config.momentum, self.config.momentum_form)
+        self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr if lr is None
+                                                  else lr, self.config.momentum, self.config.momentum_form)
         return float(loss.detach())
 
-    def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, desc: str = "APAM") -> list[float]:
-        """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch."""
-        losses = []
+    def step_size(self, progress: float) -> float:
+        """η at `progress` in [0, 1) of the run."""
+        if self.config.schedule == "constant":
+            return self.config.lr
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, n_batches: int | None = None,
+            desc: str = "APAM") -> list[float]:
+        """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch.
+
+        `n_batches` (per epoch) lets the step size follow its schedule over the whole run.
+        """
+        losses, done, total_steps = [], 0, epochs * steps * (n_batches or 1)
         for epoch in range(epochs):
             total, count = 0.0, 0
             for images, gt in tqdm(batches(), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
                                    dynamic_ncols=True):
                 target = self.batch_target(images, gt)
                 for _ in range(steps):
-                    total += self.step(images, target)
+                    total += self.step(images, target, self.step_size(min(done / total_steps, 1.0)))
                     count += 1
+                    done += 1
             losses.append(total / max(count, 1))
         return losses
+
+
+@torch.no_grad()
+def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, gt: torch.Tensor,
+                   patch: torch.Tensor, mask: torch.Tensor, placement: str, transform: PatchTransform,
+                   generator: torch.Generator | None = None, sweep: int = 3, amp: bool = True,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counts of a batch with the patch applied: (counts (N,), patched images, densities).
+
+    `sweep` placement tries a `sweep`×`sweep` grid of positions per image and keeps the one whose count is
+    farthest from the ground truth `gt` (N,), the worst case for the defender.
+    """
+    n, _, h, w = images.shape
+    size = patch.shape[-1]
+    if placement != "sweep":
+        centers = sample_centers(n, h, w, size, placement, generator)
+        patched, _ = apply_patch(images, patch, mask, centers, transform, generator)
+        with autocast(images.device, amp):
+            density = model(patched).float()
+        return density.sum(dim=(1, 2, 3)), patched, density
+    grid = sweep_centers(h, w, size, sweep)
+    k = len(grid)
+    batch = images.repeat_interleave(k, dim=0)
+    patched, _ = apply_patch(batch, patch, mask, grid.repeat(n, 1), transform, generator)
+    with autocast(images.device, amp):
+        density = model(patched).float()
+    counts = density.sum(dim=(1, 2, 3)).view(n, k)
+    worst = (counts - gt.view(n, 1).to(counts)).abs().argmax(dim=1)
+    pick = torch.arange(n, device=counts.device) * k + worst
+    return counts.flatten()[pick], patched[pick], density[pick]

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.weights import checkpoint_state
-from utils.io import load_checkpoint, save_checkpoint
+from utils.io import load_checkpoint, plain, save_checkpoint
 from utils.metrics import game, summarize
 from utils.runtime import autocast
 
@@ -79,10 +79,10 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, amp
 
 
 def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                        args, history: list[dict], best: float, extra: dict | None = None) -> Path:
+                        args: dict, history: list[dict], best: float, extra: dict | None = None) -> Path:
     """`last.pt`/`best.pt`: the model file format of `models.weights` plus what `--resume` needs."""
     state = checkpoint_state(model)
-    state.update(optimizer=optimizer.state_dict(), epoch=epoch, args=_plain(vars(args)), history=history,
+    state.update(optimizer=optimizer.state_dict(), epoch=epoch, args=plain(args), history=history,
                  best=best, **(extra or {}))
     return save_checkpoint(path, state)
 
@@ -95,12 +95,3 @@ def load_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opt
     load_state(model, state, str(path))
     optimizer.load_state_dict(state["optimizer"])
     return state
-
-
-def _plain(obj):
-    """Arguments made safe for `torch.load(weights_only=True)`: paths and other objects become strings."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj if obj is None or isinstance(obj, bool | int | float | str) else str(obj)

@@ -61,3 +61,12 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ToolkitError(f"{path} is not a checkpoint of this toolkit (no state_dict)")
     return state
+
+
+def plain(obj):
+    """A structure made safe for JSON and `torch.load(weights_only=True)`: paths and other objects become strings."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    return obj if obj is None or isinstance(obj, bool | int | float | str) else str(obj)

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.errors import ToolkitError
+
+
+def cache_dir() -> Path:
+    """Where generated data and cached victims live: $CROWD_CACHE, else <repo>/.cache."""
+    return Path(os.environ.get("CROWD_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -1,0 +1,134 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import patch_attack
+from models import MODEL_NAMES, build
+from utils.attack import APAM, APAMConfig, attack_loss, momentum_step, target_density
+from utils.errors import ToolkitError
+from utils.patch import PatchTransform, make_mask, random_patch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mifgsm_step_by_hand():
+    patch = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]]).expand(3, 2, 2).clone()
+    velocity = torch.full((3, 2, 2), 0.1)
+    grad = torch.zeros(3, 2, 2)
+    grad[0, 0, 0], grad[1, 1, 1], grad[2, 0, 1] = 2.0, -2.0, -4.0  # ||g||_1 = 8
+    new_patch, new_velocity = momentum_step(patch, velocity, grad, lr=0.1, zeta=0.9, form="mifgsm")
+    expected_v = 0.9 * 0.1 + grad / 8  # v = ζ v + g / ||g||_1
+    torch.testing.assert_close(new_velocity, expected_v)
+    torch.testing.assert_close(new_patch, (patch - 0.1 * expected_v.sign()).clamp(0, 1))
+    assert new_patch[1, 1, 1] == 1.0  # 1.0 - 0.1 * sign(0.09 - 0.25) = 1.1, clipped to 1
+
+
+def test_paper_step_by_hand():
+    patch = torch.full((3, 2, 2), 0.5)
+    grad = torch.zeros(3, 2, 2)
+    grad[0, 0, 0] = 4.0  # ||g||_1 = 4, so ĝ is 1 there
+    new_patch, v = momentum_step(patch, torch.zeros(3, 2, 2), grad, lr=0.2, zeta=0.9, form="paper")
+    # V = ζ p + (1 - ζ) ĝ = 0.45 (+ 0.1 at [0, 0, 0]); p - η V = 0.5 - 0.2 V
+    assert v[0, 0, 0].item() == pytest.approx(0.55) and v[1, 1, 1].item() == pytest.approx(0.45)
+    assert new_patch[0, 0, 0].item() == pytest.approx(0.39) and new_patch[2, 0, 1].item() == pytest.approx(0.41)
+
+
+def test_targets_and_losses():
+    clean, gt = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(target_density("pred-scale", 10, clean, gt), 10 * clean)
+    torch.testing.assert_close(target_density("gt-scale", -1, clean, gt), -gt)
+    assert target_density("zero", 10, clean, gt).abs().sum() == 0
+    pred = torch.ones(2, 1, 4, 4)
+    assert attack_loss(pred, "maximize", None) == -16 and attack_loss(pred, "minimize", None) == 16
+    assert attack_loss(pred, "zero", torch.zeros_like(pred)) == 16  # summed squared error per image
+    with pytest.raises(ToolkitError, match="unknown attack target"):
+        APAMConfig(target="confuse")
+
+
+def _apam(model, size=16, seed=0, **cfg):
+    g = torch.Generator().manual_seed(seed)
+    return APAM(model, random_patch(size, g), make_mask(size), APAMConfig(**cfg), g)
+
+
+def test_gradient_reaches_the_patch_only_and_patch_stays_in_range():
+    model = build("mcnn").eval().requires_grad_(False)
+    images = torch.rand(2, 3, 64, 64)
+    before = images.clone()
+    attack = _apam(model, lr=5.0, target="maximize")  # a huge step: clipping must hold the range
+    patch = attack.patch.clone().requires_grad_(True)
+    loss = attack.loss(images, None, patch)
+    loss.backward()
+    assert patch.grad is not None and patch.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters()) and images.grad is None
+    attack.step(images, None)
+    assert torch.equal(images, before)
+    assert attack.patch.min() >= 0 and attack.patch.max() <= 1 and not attack.patch.requires_grad
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_can_be_attacked(name):
+    images = torch.rand(2, 3, 64, 64)
+    for seed in range(10):  # CMTL's final ReLU can start dead (as the original's init): no gradient to follow
+        torch.manual_seed(seed)
+        model = build(name).eval().requires_grad_(False)
+        if model(images).abs().sum() > 0:
+            break
+    attack = _apam(model, size=24, target="maximize", transform=PatchTransform.none(), lr=0.05)
+    first = attack.loss(images, None, attack.patch).item()
+    for _ in range(4):
+        attack.step(images, None)
+    assert attack.loss(images, None, attack.patch).item() < first, name  # the count moves up
+
+
+def test_attack_raises_the_error_of_a_trained_model(tiny_mcnn, tiny_crowds, tmp_path):
+    args = patch_attack.get_args_parser().parse_args([
+        "--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--patch-size", "24", "--epochs", "6",
+        "--lr", "0.03", "--out", str(tmp_path), "--device", "cpu", "--figures", "1"])
+    metrics = patch_attack.main(args)
+    assert metrics["attacked"]["mae"] > 1.5 * metrics["clean"]["mae"]
+    assert metrics["attacked"]["mean_shift"] > 0  # pred-scale τ = 10 pushes counts up
+    assert abs(metrics["control"]["mae"] - metrics["clean"]["mae"]) < abs(metrics["attacked"]["mae"]
+                                                                          - metrics["clean"]["mae"])
+    for name in ("patch.pt", "patch.png", "metrics.json", "per_image.csv", "loss.png", "args.json"):
+        assert (tmp_path / name).is_file(), name
+    assert 0 < metrics["patch"]["area_fraction"] < 0.05
+
+    again = patch_attack.main(patch_attack.get_args_parser().parse_args([
+        "--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--patch", str(tmp_path / "patch.pt"),
+        "--out", str(tmp_path / "replay"), "--device", "cpu", "--figures", "0"]))
+    assert again["attacked"]["mae"] == pytest.approx(metrics["attacked"]["mae"], rel=1e-5)
+
+
+def test_same_seed_same_patch(tiny_mcnn, tiny_crowds, tmp_path):
+    patches = []
+    for run in ("a", "b"):
+        patch_attack.main(patch_attack.get_args_parser().parse_args([
+            "--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--patch-size", "16", "--epochs", "1",
+            "--out", str(tmp_path / run), "--device", "cpu", "--figures", "0", "--seed", "3"]))
+        patches.append(torch.load(tmp_path / run / "patch.pt", weights_only=True)["patch"])
+    assert torch.equal(*patches)
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "patch_attack.py", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bad_input_gives_one_line(tiny_mcnn, tiny_crowds, tmp_path):
+    torch.save({"patch": torch.rand(1, 8, 8), "mask": torch.ones(1, 8, 8)}, tmp_path / "grey.pt")
+    base = ["--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--device", "cpu"]
+    cases = [
+        ([*base, "--patch-size", "200", "--out", str(tmp_path / "a")], "larger than the smallest test image"),
+        ([*base, "--patch", str(tmp_path / "grey.pt"), "--out", str(tmp_path / "b")], "(3, s, s) patch"),
+        (["--weights", str(tiny_mcnn), "--test-data", str(tmp_path / "nowhere")], "data split not found"),
+        (["--weights", str(tiny_mcnn), "--train-data", str(tiny_crowds / "train_data")], "a test split is needed"),
+    ]
+    for argv, message in cases:
+        result = _run(*argv)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], (argv, result.stderr)
+    result = _run(*base, "--target", "confuse")
+    assert result.returncode != 0 and "invalid choice" in result.stderr

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from utils.errors import ToolkitError
+from utils.patch import (
+    PatchTransform,
+    apply_patch,
+    load_patch,
+    make_mask,
+    patch_side,
+    sample_centers,
+    save_patch,
+    sweep_centers,
+)
+
+
+@pytest.mark.parametrize("shape", ["square", "circle"])
+def test_untransformed_patch_lands_exactly_where_asked(shape):
+    images = torch.rand(3, 3, 50, 64)
+    patch, mask = torch.rand(3, 10, 10), make_mask(10, shape)
+    centers = torch.tensor([[5.0, 5.0], [32.0, 25.0], [59.0, 45.0]])  # corners and middle, integer-aligned
+    out, covered = apply_patch(images, patch, mask, centers)
+    for img, orig, (cx, cy) in zip(out, images, centers.int().tolist(), strict=True):
+        top, left = cy - 5, cx - 5
+        window = img[:, top:top + 10, left:left + 10]
+        torch.testing.assert_close(window, patch * mask + orig[:, top:top + 10, left:left + 10] * (1 - mask))
+        outside = torch.ones(50, 64, dtype=torch.bool)
+        outside[top:top + 10, left:left + 10] = False
+        torch.testing.assert_close(img[:, outside], orig[:, outside])
+    torch.testing.assert_close(covered.sum(dim=(1, 2, 3)), mask.sum().expand(3))
+
+
+@pytest.mark.parametrize("size", [20, 40, 81, 163])
+def test_circle_mask_area_is_pi_r_squared(size):
+    assert make_mask(size, "circle").sum().item() == pytest.approx(math.pi * (size / 2) ** 2, rel=0.02)
+
+
+def test_random_transforms_stay_near_the_nominal_area_and_vary_per_image():
+    images = torch.zeros(16, 3, 96, 96)
+    patch, mask = torch.ones(3, 20, 20), make_mask(20, "square")
+    g = torch.Generator().manual_seed(0)
+    centers = sample_centers(16, 96, 96, 20, "random", g)
+    out, covered = apply_patch(images, patch, mask, centers, PatchTransform(), g)
+    areas = covered.sum(dim=(1, 2, 3))
+    assert ((areas > 400 * 0.975**2 * 0.98) & (areas < 400 * 1.025**2 * 1.02)).all()
+    assert len({tuple(c) for c in centers.tolist()}) == 16
+    assert ((centers >= 10) & (centers <= 86)).all()
+    assert out.max() <= 1.0 and out.min() >= 0.0
+
+
+def test_brightness_shifts_the_patch_and_clips():
+    images = torch.zeros(1, 3, 32, 32)
+    patch = torch.full((3, 8, 8), 0.5)
+    t = PatchTransform(rotation=0, scale_min=1, scale_max=1, brightness=0.05)
+    out, _ = apply_patch(images, patch, make_mask(8, "square"), torch.tensor([[16.0, 16.0]]), t)
+    shift = out[0, :, 12:20, 12:20] - 0.5
+    assert shift.abs().max() <= 0.05 + 1e-6
+    torch.testing.assert_close(shift, shift.flatten()[0].expand_as(shift))
+
+
+def test_sweep_grid_keeps_the_patch_inside():
+    grid = sweep_centers(100, 200, 40, 3)
+    assert grid.tolist() == [[20, 20], [100, 20], [180, 20], [20, 50], [100, 50], [180, 50], [20, 80], [100, 80],
+                             [180, 80]]
+
+
+def test_patch_round_trip_and_bad_files(tmp_path):
+    patch, mask = torch.rand(3, 12, 12), make_mask(12, "circle")
+    save_patch(tmp_path, patch, mask, "circle", PatchTransform(rotation=3.0), {"note": "x"})
+    back = load_patch(tmp_path / "patch.pt")
+    assert torch.equal(back["patch"], patch) and torch.equal(back["mask"], mask)
+    assert back["shape"] == "circle" and back["transform"]["rotation"] == 3.0 and back["size"] == 12
+    assert (tmp_path / "patch.png").is_file()
+    torch.save({"patch": torch.rand(1, 12, 12), "mask": mask}, tmp_path / "grey.pt")
+    with pytest.raises(ToolkitError, match=r"does not hold a \(3, s, s\) patch"):
+        load_patch(tmp_path / "grey.pt")
+    with pytest.raises(ToolkitError, match="not found"):
+        load_patch(tmp_path / "missing.pt")
+
+
+def test_paper_patch_sides_and_bad_sizes():
+    assert [patch_side(f) for f in (0.02, 0.04, 0.08, 0.16)] == [20, 40, 81, 163]
+    with pytest.raises(ToolkitError, match="larger than the images"):
+        apply_patch(torch.rand(1, 3, 30, 30), torch.rand(3, 40, 40), make_mask(40), torch.tensor([[15.0, 15.0]]))
+    with pytest.raises(ToolkitError, match="unknown patch shape"):
+        make_mask(10, "star")
