@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python train.py --model mcnn --out runs/demo/train
+	$(BIN)/python patch_attack.py --out runs/demo/patch_attack
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -13,29 +13,29 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from datasets.crowd import CrowdDataset, same_size_batches
+from datasets.crowd import CrowdDataset, equal_size_batches
 from models import MODEL_NAMES, build
 from utils import cli
-from utils.attack import APAM, MOMENTUM_FORMS, SCHEDULES, TARGETS, APAMConfig, patched_counts
+from utils.attack import APAM, MOMENTUM_FORMS, TARGETS, APAMConfig, evaluate_patch, patch_metrics
 from utils.errors import ToolkitError
 from utils.io import plain, save_csv, save_json
-from utils.metrics import summarize
 from utils.patch import PLACEMENTS, SHAPES, PatchTransform, load_patch, make_mask, patch_side, random_patch, save_patch
 from utils.plots import curve_figure, density_figure
-from utils.runtime import autocast, pick_device, prepare_model, seed_everything
+from utils.runtime import pick_device, prepare_model, seed_everything
 from utils.victims import synthetic_victim
+
+DEFAULT_SIDE = 44
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
     cli.add_data_args(parser)
     group = parser.add_argument_group("patch")
     size = group.add_mutually_exclusive_group()
-    size.add_argument("--patch-size", type=cli.positive_int, help="patch side in pixels (default 40)")
+    size.add_argument("--patch-size", type=cli.positive_int,
+                      help=f"patch side in pixels (default {DEFAULT_SIDE}: a circle on 2 %% of a 240×320 image)")
     size.add_argument("--patch-frac", type=cli.positive_float,
                       help="the paper's side as a fraction of 1024: 0.02/0.04/0.08/0.16 give 20/40/81/163")
     group.add_argument("--patch-shape", default="circle", choices=SHAPES)
@@ -46,10 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("APAM")
     group.add_argument("--target", default="pred-scale", choices=TARGETS)
     group.add_argument("--tau", type=float, default=10.0, help="target scale τ for pred-scale and gt-scale")
-    group.add_argument("--epochs", type=cli.positive_int, default=10, help="passes over the train split")
+    group.add_argument("--epochs", type=cli.positive_int, default=6, help="passes over the train split")
     group.add_argument("--steps", type=cli.positive_int, default=1, help="updates per batch")
-    group.add_argument("--lr", type=cli.positive_float, default=0.02, help="step η in [0, 1] pixel units")
-    group.add_argument("--lr-schedule", default="cosine", choices=SCHEDULES, help="cosine decay of η, or constant")
+    group.add_argument("--lr", type=cli.positive_float, default=0.01, help="step η in [0, 1] pixel units")
     group.add_argument("--momentum", type=float, default=0.9, help="ζ")
     group.add_argument("--momentum-form", default="mifgsm", choices=MOMENTUM_FORMS)
     group.add_argument("--tv-weight", type=float, default=0.0, help="total-variation weight γ")
@@ -73,46 +72,6 @@ def _victim(args: argparse.Namespace, device: torch.device):
     return prepare_model(model, device).eval()
 
 
-def _batches(dataset: CrowdDataset, batch_size: int, shuffle: bool = False, generator=None):
-    """(indices, (images, targets, counts)) per batch of equal-size items."""
-    order = same_size_batches(dataset.sizes(), batch_size, shuffle, generator)
-    return zip(order, DataLoader(dataset, batch_sampler=order), strict=True)
-
-
-def evaluate_on(model, dataset: CrowdDataset, patch: torch.Tensor, mask: torch.Tensor, placement: str,
-                transform: PatchTransform, device: torch.device, args, keep_maps: int = 0):
-    """Per-image rows (gt, clean, attacked, control) and figure material for the first `keep_maps` images."""
-    control = random_patch(patch.shape[-1], torch.Generator().manual_seed(args.seed + 1)).to(device)
-    rows, maps = [], []
-    for index, (images, _, gt) in tqdm(_batches(dataset, args.batch_size), desc="test", leave=False,
-                                       dynamic_ncols=True):
-        images = images.to(device)
-        with torch.no_grad(), autocast(device, args.amp):
-            clean = model(images).float()
-        counts = {}
-        for label, p in (("attacked", patch), ("control", control)):
-            gen = torch.Generator().manual_seed(args.seed + index[0])  # same draws for patch and control
-            counts[label], patched, density = patched_counts(model, images, gt, p, mask, placement, transform, gen,
-                                                             amp=args.amp)
-            if label == "attacked":
-                shown = (patched, density)
-        for j, i in enumerate(index):
-            name = dataset.names[i]
-            if i < keep_maps:
-                maps.append((name, shown[0][j].cpu(), clean[j].cpu(), shown[1][j].cpu()))
-            rows.append({"index": i, "image": name, "gt": float(gt[j]), "clean": float(clean[j].sum()),
-                         "attacked": float(counts["attacked"][j]), "control": float(counts["control"][j])})
-    return sorted(rows, key=lambda r: r["index"]), maps
-
-
-def _metrics(rows: list[dict]) -> dict:
-    gt = [r["gt"] for r in rows]
-    out = {label: summarize([r[label] for r in rows], gt) for label in ("clean", "attacked", "control")}
-    out["attacked"]["mean_shift"] = sum(r["attacked"] - r["clean"] for r in rows) / len(rows)
-    out["control"]["mean_shift"] = sum(r["control"] - r["clean"] for r in rows) / len(rows)
-    return out
-
-
 def _transfer(spec: str, patch, mask, placement, transform, test_root: Path, device, args) -> dict:
     table = {}
     for item in spec.split(","):
@@ -122,8 +81,9 @@ def _transfer(spec: str, patch, mask, placement, transform, test_root: Path, dev
                                f"got {item!r}")
         model = prepare_model(build(name, weights).requires_grad_(False), device).eval()
         dataset = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-        rows, _ = evaluate_on(model, dataset, patch, mask, placement, transform, device, args)
-        table[f"{name}={weights}"] = _metrics(rows)
+        rows, _ = evaluate_patch(model, dataset, patch, mask, placement, transform, device, args.batch_size,
+                                 args.seed, args.amp)
+        table[f"{name}={weights}"] = patch_metrics(rows)
     return table
 
 
@@ -137,8 +97,7 @@ def main(args: argparse.Namespace) -> dict:
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
     transform = PatchTransform()
     config = APAMConfig(target=args.target, tau=args.tau, lr=args.lr, momentum=args.momentum,
-                        momentum_form=args.momentum_form, tv_weight=args.tv_weight, schedule=args.lr_schedule,
-                        placement=args.placement,
+                        momentum_form=args.momentum_form, tv_weight=args.tv_weight, placement=args.placement,
                         transform=transform)
 
     if args.patch is not None:
@@ -148,7 +107,7 @@ def main(args: argparse.Namespace) -> dict:
             raise ToolkitError(f"{args.patch} holds a {patch.shape[-1]}-pixel patch, not the size asked for")
         transform = PatchTransform(**saved.get("transform", {}))
     else:
-        size = args.patch_size or (patch_side(args.patch_frac) if args.patch_frac else 40)
+        size = args.patch_size or (patch_side(args.patch_frac) if args.patch_frac else DEFAULT_SIDE)
         shape = args.patch_shape
         patch, mask = random_patch(size, torch.Generator().manual_seed(args.seed)), make_mask(size, shape)
     size = patch.shape[-1]
@@ -170,18 +129,18 @@ def main(args: argparse.Namespace) -> dict:
         attack = APAM(model, patch, mask, config, gen, args.amp)
 
         def batches():
-            for _, (images, targets, _) in _batches(train_set, args.batch_size, shuffle=True, generator=gen):
+            for _, (images, targets, _) in equal_size_batches(train_set, args.batch_size, True, gen):
                 yield images.to(device), targets.to(device)
 
-        n_batches = len(same_size_batches(train_set.sizes(), args.batch_size))
-        losses = attack.fit(batches, args.epochs, args.steps, n_batches)
+        losses = attack.fit(batches, args.epochs, args.steps)
         patch = attack.patch
         save_patch(out, patch, mask, shape, transform, {"args": plain(vars(args))})
         curve_figure(out / "loss.png", {"APAM loss": losses}, ylabel="loss")
 
     placement = args.eval_placement or args.placement
-    rows, maps = evaluate_on(model, test_set, patch, mask, placement, transform, device, args, args.figures)
-    metrics = _metrics(rows)
+    rows, maps = evaluate_patch(model, test_set, patch, mask, placement, transform, device, args.batch_size, args.seed,
+                                args.amp, args.figures)
+    metrics = patch_metrics(rows)
     covered = float(mask.sum()) / (sum(h * w for h, w in test_set.sizes()) / len(test_set))
     metrics.update(patch={"size": size, "shape": shape, "area_fraction": covered, "placement": placement},
                    model=args.model, weights=str(args.weights), losses=losses)

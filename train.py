@@ -17,7 +17,7 @@ from utils.training import DEFAULTS, fit
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
     cli.add_data_args(parser)
     group = parser.add_argument_group("training")
@@ -26,6 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--crop", type=cli.positive_int, default=DEFAULTS["crop"], help="side of the random crops")
     group.add_argument("--lr", type=cli.positive_float, default=DEFAULTS["lr"], help="Adam's rate, cosine-annealed")
     group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--erase", type=float, default=0.0, help="probability of random erasing with noise per crop")
     group.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (needs --out)")
     cli.add_run_args(parser)
     return parser
@@ -43,7 +44,7 @@ def main(args: argparse.Namespace) -> dict:
 
     model = build(args.model, args.weights)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
-                                       max_images=args.max_train_images)
+                                       max_images=args.max_train_images, erase=args.erase)
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
     return fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,

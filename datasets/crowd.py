@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from datasets.density import density_map, downsample
 from datasets.shanghaitech import ground_truth_file, list_images, load_image, read_h5_density, read_points
-from datasets.transforms import multiple_size, random_crop_flip, resize_to_multiple
+from datasets.transforms import multiple_size, random_crop_flip, random_erase, resize_to_multiple
 from utils.errors import ToolkitError
 
 DENSITY_SOURCES = ("adaptive", "fixed", "h5")
@@ -26,7 +26,7 @@ class CrowdDataset(Dataset):
 
     def __init__(self, root: str | Path, stride: int, size_multiple: int, density: str = "adaptive",
                  crop: int | None = None, flip: bool = True, max_images: int | None = None, cache: bool = True,
-                 grey: bool = False):
+                 grey: bool = False, erase: float = 0.0):
         if density not in DENSITY_SOURCES:
             raise ToolkitError(f"unknown density source {density!r}; choose from {', '.join(DENSITY_SOURCES)}")
         if crop is not None and (crop <= 0 or crop % size_multiple):
@@ -34,7 +34,7 @@ class CrowdDataset(Dataset):
         self.root = Path(root)
         self.images = list_images(self.root)[:max_images]
         self.stride, self.size_multiple, self.density = stride, size_multiple, density
-        self.crop, self.flip, self.grey = crop, flip, grey
+        self.crop, self.flip, self.grey, self.erase = crop, flip, grey, erase
         self._cache: dict[int, tuple] = {} if cache else None
         for image in self.images:  # fail on a missing annotation now, not mid-epoch
             self._annotation(image)
@@ -104,6 +104,7 @@ class CrowdDataset(Dataset):
         image, source, count = self._load(index)
         if self.crop is not None:
             image, den = random_crop_flip(image, self._full_density(index), self.crop, self.flip)
+            image, den = random_erase(image, den, self.erase)
             return image, downsample(den, self.stride)[None], float(den.sum())
         h, w = multiple_size(*image.shape[-2:], self.size_multiple)
         if self.density == "h5":
@@ -127,3 +128,10 @@ def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bo
     if shuffle:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+def equal_size_batches(dataset: CrowdDataset, batch_size: int, shuffle: bool = False,
+                       generator: torch.Generator | None = None):
+    """Iterate (indices, (images, targets, counts)) over batches of equal-size items of `dataset`."""
+    order = same_size_batches(dataset.sizes(), batch_size, shuffle, generator)
+    return zip(order, DataLoader(dataset, batch_sampler=order), strict=True)

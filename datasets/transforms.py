@@ -41,3 +41,19 @@ def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip
     if flip and bool(torch.rand((), generator=generator) < 0.5):
         image, density = image.flip(-1), density.flip(-1)
     return image, density
+
+
+def random_erase(image: torch.Tensor, density: torch.Tensor, p: float, generator: torch.Generator | None = None):
+    """With probability p, replace a random rectangle (1/8 to 1/2 of each side) by uniform noise and remove the
+    heads under it from the density: random erasing that teaches a counter that busy texture is not a crowd."""
+    if p <= 0 or float(torch.rand((), generator=generator)) >= p:
+        return image, density
+    h, w = image.shape[-2:]
+    eh = int(torch.randint(max(h // 8, 1), max(h // 2, 1) + 1, (1,), generator=generator))
+    ew = int(torch.randint(max(w // 8, 1), max(w // 2, 1) + 1, (1,), generator=generator))
+    top = int(torch.randint(h - eh + 1, (1,), generator=generator))
+    left = int(torch.randint(w - ew + 1, (1,), generator=generator))
+    image, density = image.clone(), density.clone()
+    image[..., top:top + eh, left:left + ew] = torch.rand(*image.shape[:-2], eh, ew, generator=generator)
+    density[..., top:top + eh, left:left + ew] = 0
+    return image, density

@@ -5,7 +5,6 @@ untargeted variants), plus an optional total-variation weight on the patch. Each
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -13,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasets.crowd import CrowdDataset, equal_size_batches
 from utils.errors import ToolkitError
-from utils.patch import PatchTransform, apply_patch, sample_centers, sweep_centers
+from utils.metrics import summarize
+from utils.patch import PatchTransform, apply_patch, random_patch, sample_centers, sweep_centers
 from utils.runtime import autocast
 
 TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
 MOMENTUM_FORMS = ("mifgsm", "paper")
-SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -30,7 +30,6 @@ class APAMConfig:
     momentum: float = 0.9  # ζ
     momentum_form: str = "mifgsm"  # v = ζ v + ĝ, p -= η sign(v); paper: V = ζ p + (1 - ζ) ĝ, p -= η V
     tv_weight: float = 0.0  # γ
-    schedule: str = "cosine"  # η decays to 0 over the run (cosine) or stays (constant, as the paper)
     placement: str = "center"
     transform: PatchTransform = field(default_factory=PatchTransform)
 
@@ -40,8 +39,6 @@ class APAMConfig:
         if self.momentum_form not in MOMENTUM_FORMS:
             raise ToolkitError(f"unknown momentum form {self.momentum_form!r}; choose from "
                                f"{', '.join(MOMENTUM_FORMS)}")
-        if self.schedule not in SCHEDULES:
-            raise ToolkitError(f"unknown step schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if not 0 <= self.momentum <= 1:
             raise ToolkitError(f"momentum must lie in [0, 1], got {self.momentum}")
 
@@ -113,37 +110,26 @@ class APAM:
             loss = loss + self.config.tv_weight * total_variation(patch)
         return loss
 
-    def step(self, images: torch.Tensor, target: torch.Tensor | None, lr: float | None = None) -> float:
+    def step(self, images: torch.Tensor, target: torch.Tensor | None) -> float:
         """Transforms, forward, backward and update on one batch; returns the loss before the update."""
         patch = self.patch.requires_grad_(True)
         loss = self.loss(images, target, patch)
         (grad,) = torch.autograd.grad(loss, patch)
-        self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr if lr is None
-                                                  else lr, self.config.momentum, self.config.momentum_form)
+        self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr,
+                                                  self.config.momentum, self.config.momentum_form)
         return float(loss.detach())
 
-    def step_size(self, progress: float) -> float:
-        """η at `progress` in [0, 1) of the run."""
-        if self.config.schedule == "constant":
-            return self.config.lr
-        return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, n_batches: int | None = None,
-            desc: str = "APAM") -> list[float]:
-        """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch.
-
-        `n_batches` (per epoch) lets the step size follow its schedule over the whole run.
-        """
-        losses, done, total_steps = [], 0, epochs * steps * (n_batches or 1)
+    def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, desc: str = "APAM") -> list[float]:
+        """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch."""
+        losses = []
         for epoch in range(epochs):
             total, count = 0.0, 0
             for images, gt in tqdm(batches(), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
                                    dynamic_ncols=True):
                 target = self.batch_target(images, gt)
                 for _ in range(steps):
-                    total += self.step(images, target, self.step_size(min(done / total_steps, 1.0)))
+                    total += self.step(images, target)
                     count += 1
-                    done += 1
             losses.append(total / max(count, 1))
         return losses
 
@@ -176,3 +162,39 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     worst = (counts - gt.view(n, 1).to(counts)).abs().argmax(dim=1)
     pick = torch.arange(n, device=counts.device) * k + worst
     return counts.flatten()[pick], patched[pick], density[pick]
+
+
+def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: CrowdDataset, patch: torch.Tensor,
+                   mask: torch.Tensor, placement: str, transform: PatchTransform, device: torch.device,
+                   batch_size: int = 8, seed: int = 0, amp: bool = True, keep_maps: int = 0) -> tuple[list, list]:
+    """Per-image rows (gt, clean, attacked, control counts) of a fixed patch on `dataset`, with a uniform-noise
+    patch of the same size, shape and placement as control; plus (name, patched image, clean density, attacked
+    density) for the first `keep_maps` images."""
+    control = random_patch(patch.shape[-1], torch.Generator().manual_seed(seed + 1)).to(device)
+    rows, maps = [], []
+    for index, (images, _, gt) in tqdm(equal_size_batches(dataset, batch_size), desc="test", leave=False,
+                                       dynamic_ncols=True):
+        images = images.to(device)
+        with torch.no_grad(), autocast(device, amp):
+            clean = model(images).float()
+        counts, shown = {}, None
+        for label, p in (("attacked", patch), ("control", control)):
+            gen = torch.Generator().manual_seed(seed + index[0])  # the same draws for patch and control
+            counts[label], patched, density = patched_counts(model, images, gt, p, mask, placement, transform, gen,
+                                                             amp=amp)
+            shown = shown or (patched, density)
+        for j, i in enumerate(index):
+            if i < keep_maps:
+                maps.append((dataset.names[i], shown[0][j].cpu(), clean[j].cpu(), shown[1][j].cpu()))
+            rows.append({"index": i, "image": dataset.names[i], "gt": float(gt[j]), "clean": float(clean[j].sum()),
+                         "attacked": float(counts["attacked"][j]), "control": float(counts["control"][j])})
+    return sorted(rows, key=lambda r: r["index"]), maps
+
+
+def patch_metrics(rows: list[dict]) -> dict:
+    """MAE / RMSE of the clean, attacked and control counts, and the mean count shifts."""
+    gt = [r["gt"] for r in rows]
+    out = {label: summarize([r[label] for r in rows], gt) for label in ("clean", "attacked", "control")}
+    for label in ("attacked", "control"):
+        out[label]["mean_shift"] = sum(r[label] - r["clean"] for r in rows) / len(rows)
+    return out

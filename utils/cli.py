@@ -11,6 +11,13 @@ from utils.errors import ToolkitError
 from utils.io import save_json
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`prog: error: ...`) and exit status 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
