@@ -1,0 +1,74 @@
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from scipy.stats import binom, norm
+
+from utils.certify import (
+    bound_table,
+    certified_interval,
+    delta,
+    inside_probability,
+    miss_probability,
+    order_statistic_indices,
+)
+from utils.errors import ToolkitError
+
+
+@pytest.mark.parametrize("d,rho,k", [(10, 3, 2), (50, 7, 5), (200, 40, 30), (1000, 1, 999), (30, 30, 1), (8, 0, 8)])
+def test_delta_equals_exact_rational_arithmetic(d, rho, k):
+    exact = 1 - Fraction(math.comb(d - rho, k), math.comb(d, k))
+    assert delta(d, rho, k) == pytest.approx(float(exact), abs=1e-12)
+    assert inside_probability(d, rho, k) == pytest.approx(math.comb(rho, k) / math.comb(d, k), abs=1e-12)
+
+
+def test_delta_is_finite_and_monotone_for_huge_d():
+    d = 10**8
+    values = [delta(d, rho, 45) for rho in (0, 10, 10**3, 10**5, 10**7, d)]
+    assert all(math.isfinite(v) for v in values)
+    assert values == sorted(values) and values[0] == 0 and values[-1] == 1
+    assert [delta(d, 3000, k) for k in (1, 10, 100)] == sorted(delta(d, 3000, k) for k in (1, 10, 100))
+
+
+def test_paper_bound_table():
+    rows = bound_table(2150400, 45, [20, 40, 81, 163])
+    assert [round(r["upper"], 4) for r in rows] == [0.9752, 0.9043, 0.6611, 0.1827]
+    assert rows[0]["lower"] == pytest.approx(1.7e-147, rel=0.05)
+    assert rows[3]["lower"] == pytest.approx(4.0e-65, rel=0.05)
+
+
+def test_order_statistics_follow_their_definition():
+    lower, u = order_statistic_indices(1000, 0.05, 0.05)
+    assert binom.cdf(lower - 1, 1000, 0.45) <= 0.025 < binom.cdf(lower, 1000, 0.45)
+    assert binom.cdf(u - 1, 1000, 0.55) >= 0.975 > binom.cdf(u - 2, 1000, 0.55)
+    assert order_statistic_indices(1000, 0.5, 0.05) is None  # Δ ≥ 0.5: nothing certified
+    assert math.isnan(certified_interval(np.arange(10.0), 0.3, 0.05)[0])  # too few samples
+
+
+def test_interval_covers_the_attacked_median_of_a_known_toy():
+    """Clean ablated counts ~ N(100, 10); an attacker moves a Δ share of the mass to ±∞, the worst it can do
+    within total variation Δ. The attacked medians are then known; they must lie in [L, U] in ≥ 1 − α of trials."""
+    rng = np.random.default_rng(0)
+    n, alpha, trials, d_ = 500, 0.05, 1000, 0.08
+    up = 100 + 10 * norm.ppf(0.5 / (1 - d_))  # median with Δ mass at +∞
+    down = 100 + 10 * norm.ppf(1 - 0.5 / (1 - d_))  # median with Δ mass at −∞
+    covered = 0
+    for _ in range(trials):
+        lo, hi = certified_interval(rng.normal(100, 10, n), d_, alpha)
+        covered += lo <= down and up <= hi
+    assert covered / trials >= 1 - alpha - 0.01
+
+
+def test_bad_arguments():
+    with pytest.raises(ToolkitError, match="keep must lie"):
+        delta(100, 10, 0)
+    with pytest.raises(ToolkitError, match="keep must lie"):
+        miss_probability(100, 10, 101)
+    with pytest.raises(ToolkitError, match="does not fit"):
+        delta(100, 101, 5)
+    for alpha in (0, 1, 1.5):
+        with pytest.raises(ToolkitError, match="alpha must lie"):
+            order_statistic_indices(100, 0.1, alpha)
+    with pytest.raises(ToolkitError, match="at least 1"):
+        order_statistic_indices(0, 0.1, 0.05)
