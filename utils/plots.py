@@ -39,6 +39,17 @@ def density_figure(path: str | Path, image, panels: Sequence[tuple[str, object]]
     return _save(fig, path)
 
 
+def image_panels(path: str | Path, panels: Sequence[tuple[str, object]]) -> Path:
+    """Side-by-side panels: (3, H, W) images as RGB, (H, W) maps in jet."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (label, item) in zip(np.atleast_1d(axes), panels, strict=True):
+        arr = _array(item)
+        ax.imshow(arr.transpose(1, 2, 0).clip(0, 1) if arr.ndim == 3 else arr, cmap=None if arr.ndim == 3 else "jet")
+        ax.set_title(label)
+        ax.axis("off")
+    return _save(fig, path)
+
+
 def curve_figure(path: str | Path, series: dict[str, Sequence[float]], xlabel: str = "epoch",
                  ylabel: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.4))

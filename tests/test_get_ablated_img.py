@@ -1,0 +1,32 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import get_ablated_img
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_writes_the_ablated_image_and_a_panel(tiny_crowds, tmp_path):
+    image = next((tiny_crowds / "test_data" / "images").iterdir())
+    out = get_ablated_img.main(get_ablated_img.get_args_parser().parse_args(
+        [str(image), "--keep", "500", "--unit", "pixel", "--fill", "0", "--out", str(tmp_path / "a.png")]))
+    pixels = np.asarray(Image.open(out))
+    assert pixels.shape == (96, 128, 3)
+    assert (pixels.reshape(-1, 3).any(1)).sum() <= 500  # at most 500 pixels are not the black fill
+    assert (pixels.reshape(-1, 3).any(1)).sum() >= 450  # (a few kept pixels may be black themselves)
+    panel = get_ablated_img.main(get_ablated_img.get_args_parser().parse_args(
+        [str(image), "--keep", "500", "--panel", "--out", str(tmp_path / "p.png")]))
+    assert Image.open(panel).size[0] > 3 * 96
+
+
+def test_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, "get_ablated_img.py", str(tmp_path / "none.jpg"), "--out",
+                             str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not found" in result.stderr
+    result = subprocess.run([sys.executable, "get_ablated_img.py", str(tmp_path / "none.jpg"), "--keep", "0",
+                             "--out", str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "must be a positive integer" in result.stderr
