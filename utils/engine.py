@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.weights import checkpoint_state
+from models.weights import checkpoint_state, load_state
 from utils.io import load_checkpoint, plain, save_checkpoint
 from utils.metrics import game, summarize
 from utils.runtime import autocast
@@ -89,8 +89,6 @@ def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opt
 
 def load_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore model and optimizer from a run checkpoint; returns the whole checkpoint dict."""
-    from models.weights import load_state
-
     state = load_checkpoint(path)
     load_state(model, state, str(path))
     optimizer.load_state_dict(state["optimizer"])

@@ -50,6 +50,22 @@ def image_panels(path: str | Path, panels: Sequence[tuple[str, object]]) -> Path
     return _save(fig, path)
 
 
+def interval_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int]) -> Path:
+    """Certified [L, U] per image (sorted by ground truth) for each patch side, with the truth and smoothed count."""
+    rows = sorted(rows, key=lambda r: r["gt"])
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(rows)), 3.6))
+    for k, side in enumerate(sorted(sides, reverse=True)):
+        lo, hi = np.array([r[f"L{side}"] for r in rows]), np.array([r[f"U{side}"] for r in rows])
+        ax.vlines(x + 0.08 * k, lo, hi, colors=plt.cm.viridis(k / max(len(sides) - 1, 1)), lw=3, label=f"{side} px")
+    ax.plot(x, [r["gt"] for r in rows], "k_", ms=10, label="ground truth")
+    ax.plot(x, [r["smoothed"] for r in rows], "r.", label="smoothed count")
+    ax.set_xlabel("image (sorted by ground truth)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def curve_figure(path: str | Path, series: dict[str, Sequence[float]], xlabel: str = "epoch",
                  ylabel: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.4))
