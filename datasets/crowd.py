@@ -35,7 +35,7 @@ class CrowdDataset(Dataset):
         self.images = list_images(self.root)[:max_images]
         self.stride, self.size_multiple, self.density = stride, size_multiple, density
         self.crop, self.flip, self.grey, self.erase = crop, flip, grey, erase
-        self._cache: dict[int, tuple] = {} if cache else None
+        self._cache: dict[tuple, object] | None = {} if cache else None
         for image in self.images:  # fail on a missing annotation now, not mid-epoch
             self._annotation(image)
 
@@ -69,10 +69,19 @@ class CrowdDataset(Dataset):
             return [(self.crop, self.crop)] * len(self)
         return [multiple_size(*self._load(i)[0].shape[-2:], self.size_multiple) for i in range(len(self))]
 
-    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray | None, float]:
-        """(image, points or None for an h5 density, count), cached when asked."""
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
+    def _cached(self, key: tuple, make):
+        """`make()` once per key when caching is on (decoded images, full densities, whole-image items)."""
+        if self._cache is None:
+            return make()
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray, float]:
+        """(image, head points or the h5 density, count)."""
+        return self._cached(("source", index), lambda: self._read(index))
+
+    def _read(self, index: int) -> tuple[torch.Tensor, np.ndarray, float]:
         path = self.images[index]
         image = load_image(path, self.grey)
         h, w = image.shape[-2:]
@@ -80,32 +89,19 @@ class CrowdDataset(Dataset):
             full = read_h5_density(self._annotation(path))
             if full.shape != (h, w):
                 raise ToolkitError(f"{self._annotation(path)}: density is {full.shape}, image is {(h, w)}")
-            item = (image, full, float(full.sum()))
-        else:
-            points = read_points(self._annotation(path), h, w)
-            item = (image, points, float(len(points)))
-        if self._cache is not None:
-            self._cache[index] = item
-        return item
+            return image, full, float(full.sum())
+        points = read_points(self._annotation(path), h, w)
+        return image, points, float(len(points))
 
     def _full_density(self, index: int) -> torch.Tensor:
         image, source, _ = self._load(index)
         if self.density == "h5":
             return torch.from_numpy(source)
-        key = ("density", index)
-        if self._cache is not None and key in self._cache:
-            return self._cache[key]
-        den = torch.from_numpy(density_map(source, tuple(image.shape[-2:]), self.density))
-        if self._cache is not None:
-            self._cache[key] = den
-        return den
+        return self._cached(("density", index), lambda: torch.from_numpy(
+            density_map(source, tuple(image.shape[-2:]), self.density)))
 
-    def __getitem__(self, index: int):
+    def _whole(self, index: int):
         image, source, count = self._load(index)
-        if self.crop is not None:
-            image, den = random_crop_flip(image, self._full_density(index), self.crop, self.flip)
-            image, den = random_erase(image, den, self.erase)
-            return image, downsample(den, self.stride)[None], float(den.sum())
         h, w = multiple_size(*image.shape[-2:], self.size_multiple)
         if self.density == "h5":
             full = torch.from_numpy(source)[None, None]
@@ -115,6 +111,13 @@ class CrowdDataset(Dataset):
             scale = np.array([w / image.shape[-1], h / image.shape[-2]])
             den = torch.from_numpy(density_map(source * scale, (h, w), self.density))
         return resize_to_multiple(image, self.size_multiple), downsample(den, self.stride)[None], count
+
+    def __getitem__(self, index: int):
+        if self.crop is None:
+            return self._cached(("whole", index), lambda: self._whole(index))
+        image, den = random_crop_flip(self._load(index)[0], self._full_density(index), self.crop, self.flip)
+        image, den = random_erase(image, den, self.erase)
+        return image, downsample(den, self.stride)[None], float(den.sum())
 
 
 def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bool = False,
