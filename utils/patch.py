@@ -5,7 +5,6 @@ Composite: x' = (1 - M) * x + M * P, differentiable with respect to the patch on
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,11 +107,6 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, c
     return images * (1 - covered) + canvas[:, :3], covered
 
 
-def area_fraction(covered: torch.Tensor) -> float:
-    """Mean share of image pixels covered by the patch."""
-    return float(covered.mean())
-
-
 def save_patch(out: Path, patch: torch.Tensor, mask: torch.Tensor, shape: str, transform: PatchTransform,
                extra: dict | None = None) -> None:
     """`patch.pt` (tensor, mask and metadata) and `patch.png` (the masked patch on white)."""
@@ -147,7 +141,3 @@ def load_patch(path: str | Path) -> dict:
 def patch_side(frac: float, reference: int = 1024) -> int:
     """The paper's patch side: int(frac × 1024), so 0.02/0.04/0.08/0.16 give 20/40/81/163 px."""
     return int(reference * frac)
-
-
-def circle_area(size: int) -> float:
-    return math.pi * (size / 2) ** 2
