@@ -75,6 +75,7 @@ def test_to_native_matches_the_pixel_formulas():
 
 
 def test_input_gradient_and_autocast():
+    torch.manual_seed(1)  # the originals' N(0, 0.01) init leaves MCNN's output all zero for some seeds (0 among them)
     model = build("mcnn").eval()
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     model.count(x).sum().backward()
