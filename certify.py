@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
     model = build(args.model, args.weights)
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, max_images=args.max_images)
-    smallest = min(min(hw) for hw in dataset.sizes())
+    smallest = dataset.smallest_side()
     fewest = min(units_per_image((3, *hw), args.unit) for hw in dataset.sizes())
     if args.keep > fewest:
         raise ToolkitError(f"keep must lie in 1..{fewest} (the number of units of the smallest image), got {args.keep}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datasets.crowd import CrowdDataset
+from datasets.crowd import DENSITY_SOURCES, CrowdDataset
 from models import build
 from utils import cli
 from utils.engine import evaluate
@@ -21,7 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
     parser.add_argument("--data", type=Path, help="a split folder (images/, ground_truth/); default: synthetic test")
-    parser.add_argument("--density", default="adaptive", choices=("adaptive", "fixed", "h5"),
+    parser.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
                         help="density used for the GAME targets (counts always come from the points)")
     parser.add_argument("--max-images", type=cli.positive_int, help="evaluate only the first N images")
     parser.add_argument("--figures", type=int, default=4, help="density figures for the first N images")

@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> dict:
         shape = args.patch_shape
         patch, mask = random_patch(size, torch.Generator().manual_seed(args.seed)), make_mask(size, shape)
     size = patch.shape[-1]
-    smallest = min(min(hw) for hw in test_set.sizes())
+    smallest = test_set.smallest_side()
     if size > smallest:
         raise ToolkitError(f"patch side {size} is larger than the smallest test image side ({smallest} px)")
     patch, mask = patch.to(device), mask.to(device)
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> dict:
             raise ToolkitError("a train split is needed to optimise the patch (--train-data or --data)")
         train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                            max_images=args.max_train_images)
-        if size > min(min(hw) for hw in train_set.sizes()):
+        if size > train_set.smallest_side():
             raise ToolkitError(f"patch side {size} is larger than the smallest training image or crop")
         gen = torch.Generator().manual_seed(args.seed)
         attack = APAM(model, patch, mask, config, gen, args.amp)

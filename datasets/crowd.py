@@ -69,6 +69,10 @@ class CrowdDataset(Dataset):
             return [(self.crop, self.crop)] * len(self)
         return [multiple_size(*self._load(i)[0].shape[-2:], self.size_multiple) for i in range(len(self))]
 
+    def smallest_side(self) -> int:
+        """The shortest side of any item, e.g. the largest patch that fits every image."""
+        return min(min(hw) for hw in self.sizes())
+
     def _cached(self, key: tuple, make):
         """`make()` once per key when caching is on (decoded images, full densities, whole-image items)."""
         if self._cache is None:

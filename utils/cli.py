@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from datasets.crowd import DENSITY_SOURCES
 from utils.errors import ToolkitError
 from utils.io import save_json
 
@@ -45,7 +46,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data", type=Path, help="a root holding train_data/ and test_data/")
     group.add_argument("--train-data", type=Path, help="a split folder with images/ and ground_truth/")
     group.add_argument("--test-data", type=Path, help="a split folder with images/ and ground_truth/")
-    group.add_argument("--density", default="adaptive", choices=("adaptive", "fixed", "h5"),
+    group.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
                        help="target density: geometry-adaptive or MCNN's fixed kernel from the points, "
                             "or the CSRNet .h5 files beside them")
     group.add_argument("--max-train-images", type=positive_int, help="use only the first N training images")
