@@ -14,18 +14,24 @@ from pathlib import Path
 
 import torch
 
-from datasets.crowd import CrowdDataset, equal_size_batches
+from datasets.crowd import CrowdDataset
 from models import MODEL_NAMES, build
 from utils import cli
-from utils.attack import APAM, MOMENTUM_FORMS, TARGETS, APAMConfig, evaluate_patch, patch_metrics
+from utils.attack import (
+    DEFAULT_SIDE,
+    MOMENTUM_FORMS,
+    TARGETS,
+    APAMConfig,
+    evaluate_patch,
+    optimise_patch,
+    patch_metrics,
+)
 from utils.errors import ToolkitError
 from utils.io import plain, save_csv, save_json
 from utils.patch import PLACEMENTS, SHAPES, PatchTransform, load_patch, make_mask, patch_side, random_patch, save_patch
 from utils.plots import curve_figure, density_figure
 from utils.runtime import pick_device, prepare_model, seed_everything
 from utils.victims import synthetic_victim
-
-DEFAULT_SIDE = 44
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -125,15 +131,8 @@ def main(args: argparse.Namespace) -> dict:
                                            max_images=args.max_train_images)
         if size > train_set.smallest_side():
             raise ToolkitError(f"patch side {size} is larger than the smallest training image or crop")
-        gen = torch.Generator().manual_seed(args.seed)
-        attack = APAM(model, patch, mask, config, gen, args.amp)
-
-        def batches():
-            for _, (images, targets, _) in equal_size_batches(train_set, args.batch_size, True, gen):
-                yield images.to(device), targets.to(device)
-
-        losses = attack.fit(batches, args.epochs, args.steps)
-        patch = attack.patch
+        patch, losses = optimise_patch(model, train_set, patch, mask, config, device, args.epochs, args.steps,
+                                       args.batch_size, args.seed, args.amp)
         save_patch(out, patch, mask, shape, transform, {"args": plain(vars(args))})
         curve_figure(out / "loss.png", {"APAM loss": losses}, ylabel="loss")
 

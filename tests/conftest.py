@@ -43,3 +43,15 @@ def tiny_mcnn(tiny_crowds, tmp_path_factory) -> Path:
                   device=torch.device("cpu"))
     assert summary["mae"] < summary["baseline_mae"], summary
     return out / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_ra_mcnn(tiny_crowds, tmp_path_factory) -> Path:
+    """Run folder of MCNN_certify_train.py on `tiny_crowds`: 2 clean epochs, then 4 on ablations keeping 45."""
+    import MCNN_certify_train as script
+
+    out = tmp_path_factory.mktemp("tiny_ra_mcnn")
+    script.main(script.get_args_parser().parse_args([
+        "--data", str(tiny_crowds), "--out", str(out), "--crop", "64", "--batch-size", "2", "--epochs", "6",
+        "--warmup-epochs", "2", "--keep", "45", "--val-samples", "3", "--device", "cpu", "--seed", "1"]))
+    return out

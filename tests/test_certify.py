@@ -72,3 +72,42 @@ def test_bad_arguments():
             order_statistic_indices(100, 0.1, alpha)
     with pytest.raises(ToolkitError, match="at least 1"):
         order_statistic_indices(0, 0.1, 0.05)
+
+
+@pytest.mark.parametrize("objective", ["maximize", "minimize"])
+def test_apam_against_the_smoothed_model_stays_inside_the_certificate(tiny_mcnn, tiny_crowds, objective):
+    """End to end: a patch optimised through the ablation (expectation over ablations) to push the count up or down
+    never moves the attacked median count outside the clean image's certified interval for its size."""
+    import torch
+
+    from datasets.crowd import CrowdDataset
+    from models import build
+    from utils.ablation import ablate
+    from utils.attack import APAM, APAMConfig
+    from utils.certify import ablated_counts
+    from utils.patch import PatchTransform, apply_patch, make_mask, random_patch, sample_centers
+
+    keep, side, samples, alpha = 45, 8, 200, 0.05
+    model = build("mcnn", tiny_mcnn).eval()
+    images = torch.stack([img for img, _, _ in CrowdDataset.for_model(tiny_crowds / "test_data", model)])
+    gen = torch.Generator().manual_seed(0)
+
+    def smoothed_model(x: torch.Tensor) -> torch.Tensor:  # 4 ablations per image, the attack's expectation
+        return model(ablate(x.repeat_interleave(4, dim=0), keep, generator=gen))
+
+    config = APAMConfig(target=objective, lr=0.03, transform=PatchTransform.none())
+    attack = APAM(smoothed_model, random_patch(side, gen), make_mask(side, "square"), config, gen, amp=False)
+    attack.fit(lambda: [(images, None)], epochs=10)
+    centers = sample_centers(len(images), *images.shape[-2:], side, "center")
+    patched, _ = apply_patch(images, attack.patch, attack.mask, centers, PatchTransform.none())
+    # ρ: the units the patch really changed (bilinear resampling may touch a rim beyond the s×s square)
+    changed = int((patched != images).any(dim=1).sum(dim=(1, 2)).max())
+    assert side * side <= changed <= (side + 2) ** 2
+    d, rho = images[0].numel(), 3 * changed
+
+    for clean, attacked in zip(images, patched, strict=True):
+        before = ablated_counts(model, clean, keep, samples, generator=gen).numpy()
+        after = ablated_counts(model, attacked, keep, samples, generator=gen).numpy()
+        lo, hi = certified_interval(before, delta(d, rho, keep), alpha)
+        assert lo <= np.median(after) <= hi, (lo, np.median(after), hi)
+        assert before.min() < lo <= hi < before.max()  # and the certificate is informative, not the whole range

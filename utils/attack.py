@@ -19,6 +19,7 @@ from utils.patch import PatchTransform, apply_patch, random_patch, sample_center
 from utils.runtime import autocast
 
 TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
+DEFAULT_SIDE = 44  # px: a circle on 2 % of a 240×320 synthetic image
 MOMENTUM_FORMS = ("mifgsm", "paper")
 
 
@@ -132,6 +133,22 @@ class APAM:
                     count += 1
             losses.append(total / max(count, 1))
         return losses
+
+
+def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: CrowdDataset, patch: torch.Tensor,
+                   mask: torch.Tensor, config: APAMConfig, device: torch.device, epochs: int, steps: int = 1,
+                   batch_size: int = 8, seed: int = 0, amp: bool = True, desc: str = "APAM",
+                   ) -> tuple[torch.Tensor, list[float]]:
+    """APAM over shuffled same-size batches of `dataset` from the starting `patch`: (the patch, loss per epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    attack = APAM(model, patch.to(device), mask, config, gen, amp)
+
+    def batches():
+        for _, (images, targets, _) in equal_size_batches(dataset, batch_size, True, gen):
+            yield images.to(device), targets.to(device)
+
+    losses = attack.fit(batches, epochs, steps, desc)
+    return attack.patch, losses
 
 
 @torch.no_grad()

@@ -53,6 +53,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-test-images", type=positive_int, help="use only the first N test images")
 
 
+def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """The optimisation flags of every training script (`defaults`: epochs, batch_size, crop, lr)."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=positive_int, default=defaults["epochs"])
+    group.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"])
+    group.add_argument("--crop", type=positive_int, default=defaults["crop"], help="side of the random crops")
+    group.add_argument("--lr", type=positive_float, default=defaults["lr"], help="Adam's rate, cosine-annealed")
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (needs --out)")
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--out", type=Path, help="run folder (default runs/<script>/<timestamp>)")

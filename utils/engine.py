@@ -15,6 +15,7 @@ from utils.metrics import game, summarize
 from utils.runtime import autocast
 
 GAME_LEVELS = (0, 1, 2, 3)
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -25,16 +26,14 @@ def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = True,
-                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "train") -> float:
-    """One pass over `loader` with `model.loss`; `transform` (e.g. ablation) is applied to each input batch."""
+                    loss_fn: LossFn | None = None, desc: str = "train") -> float:
+    """One pass over `loader`, minimising `loss_fn(model, images, targets)` (default `model.loss`)."""
     model.train()
     total, seen = 0.0, 0
     for images, targets, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images, targets = _to(device, images, targets)
-        if transform is not None:
-            images = transform(images)
         with autocast(device, amp):
-            loss = model.loss(images, targets)
+            loss = loss_fn(model, images, targets) if loss_fn is not None else model.loss(images, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()

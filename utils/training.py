@@ -1,7 +1,9 @@
-"""The training loop shared by `train.py` and the cached victims: Adam, cosine schedule, resume, best/last."""
+"""The training loop shared by the training scripts and the cached victims: Adam, cosine schedule, resume,
+best/last. What a step minimises and how an epoch is validated is a `Recipe` (plain, ablation, adversarial)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -9,27 +11,66 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.crowd import CrowdDataset
+from models import build
+from utils import cli
 from utils.engine import evaluate, load_run_checkpoint, save_run_checkpoint, train_one_epoch
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.metrics import mae
 from utils.plots import curve_figure
-from utils.runtime import prepare_model
+from utils.runtime import pick_device, prepare_model, seed_everything
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
 # train.py's defaults: MCNN on the synthetic crowds reaches ~0.2x the mean-count baseline MAE in ~3 CPU minutes
 DEFAULTS = {"epochs": 40, "batch_size": 4, "crop": 128, "lr": 1e-3}
 
 
+class Recipe:
+    """Plain training: `model.loss` on the clean batch, validation by clean MAE / RMSE of whole test images.
+
+    Subclasses change the step loss (e.g. on ablated or patched inputs) and the validation; whatever state they
+    carry between steps goes through `state_dict` into the checkpoints, so `--resume` restores it.
+    """
+
+    def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        return model.loss(images, targets)
+
+    def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
+                 epoch: int) -> tuple[dict, list[dict]]:
+        """(metrics to log, with the `mae` that picks best.pt, and per-image rows)."""
+        metrics, rows, _ = evaluate(model, test_set, device, amp)
+        return {"mae": metrics["mae"], "mse": metrics["mse"]}, rows
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def setup(args: argparse.Namespace, script: str, erase: float = 0.0
+          ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset]:
+    """What every training script does first: run folder, device, seed, model, train (crops) and test sets."""
+    if args.resume and args.out is None:
+        raise ToolkitError("--resume needs --out, the run folder holding last.pt")
+    train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
+    if train_root is None or test_root is None:
+        raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
+    out = cli.run_dir(args, script)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    model = build(args.model, args.weights)
+    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
+                                       max_images=args.max_train_images, erase=erase)
+    test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
+    return out, device, model, train_set, test_set
+
+
 def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset, out: Path, *, epochs: int,
         batch_size: int, lr: float, device: torch.device, weight_decay: float = 0.0, amp: bool = True,
-        workers: int = 0, resume: bool = False, record: dict | None = None,
-        epoch_transform: Callable[[int], Transform | None] | None = None) -> dict:
-    """Train `model` on random crops of `train_set`, evaluate on `test_set` every epoch, keep last.pt and best.pt.
-
-    `epoch_transform(epoch)` may return a transform of each input batch for that epoch (e.g. ablation).
-    Returns the summary also written to `out/metrics.json`.
-    """
+        workers: int = 0, resume: bool = False, record: dict | None = None, recipe: Recipe | None = None) -> dict:
+    """Train `model` on random crops of `train_set` by `recipe` (plain by default), validate on `test_set` every
+    epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json."""
+    recipe = recipe or Recipe()
     train_counts = train_set.counts()
     if hasattr(model, "level_width"):  # CMTL's density levels span the training counts (MODELS.md §2.2)
         model.level_width.fill_(max(float(train_counts.max()) / 10, 1.0))
@@ -46,22 +87,23 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
             raise ToolkitError(f"nothing to resume: {out / 'last.pt'} does not exist")
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        recipe.load_state_dict(state.get("recipe", {}))
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start + 1}")
 
     baseline = mae(np.full(len(test_set), train_counts.mean()), test_set.counts())
     for epoch in range(start, epochs):
-        transform = epoch_transform(epoch) if epoch_transform else None
-        loss = train_one_epoch(model, loader, optimizer, device, scaler, amp, transform, desc=f"epoch {epoch + 1}")
+        loss = train_one_epoch(model, loader, optimizer, device, scaler, amp, partial(recipe.loss, epoch=epoch),
+                               desc=f"epoch {epoch + 1}")
         scheduler.step()
-        metrics, rows, _ = evaluate(model, test_set, device, amp)
-        history.append({"epoch": epoch + 1, "loss": loss, "mae": metrics["mae"], "mse": metrics["mse"]})
-        print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}  test MAE {metrics['mae']:.2f}  "
-              f"RMSE {metrics['mse']:.2f}  (mean-count baseline MAE {baseline:.2f})")
-        if all(r["pred"] == 0 for r in rows):
+        metrics, rows = recipe.validate(model, test_set, device, amp, epoch)
+        history.append({"epoch": epoch + 1, "loss": loss, **metrics})
+        shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}  test {shown}  (mean-count baseline MAE {baseline:.2f})")
+        if rows and all(r.get("pred") == 0 for r in rows):
             print("warning: the model predicts exactly 0 everywhere (a dead final ReLU, as MCNN/CMTL's original init "
                   "can give); try another --seed or a lower --lr")
-        extra = {"scheduler": scheduler.state_dict()}
+        extra = {"scheduler": scheduler.state_dict(), "recipe": recipe.state_dict()}
         if metrics["mae"] < best:
             best = metrics["mae"]
             save_run_checkpoint(out / "best.pt", model, optimizer, epoch, record or {}, history, best, extra)
@@ -72,7 +114,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     if not history:
         raise ToolkitError(f"nothing to do: the run in {out} already finished {epochs} epochs")
     last = history[-1]
-    summary = {"model": model.name, "epochs": len(history), "mae": last["mae"], "mse": last["mse"],
+    summary = {"model": model.name, "epochs": len(history), **{k: v for k, v in last.items() if k != "epoch"},
                "best_mae": best, "baseline_mae": baseline, "mae_over_baseline": last["mae"] / max(baseline, 1e-12),
                "train_images": len(train_set), "test_images": len(test_set)}
     save_json(out / "metrics.json", summary)

@@ -1,0 +1,71 @@
+"""Cost of certifying one image (N ablated counts from `ablated_counts`, moved to the host, and the certified
+interval for patch sides 20 40 81 163) against the bare batched forward passes on the same N ablated inputs,
+generated beforehand; the target is a ratio of at most 1.10. Prints JSON.
+
+    python benchmarks/certify.py [--device cuda]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from models import build  # noqa: E402
+from utils.ablation import ablate, units_per_image  # noqa: E402
+from utils.certify import ablated_counts, certified_interval, delta, patch_units  # noqa: E402
+from utils.runtime import autocast, pick_device, prepare_model  # noqa: E402
+from utils.timing import best_seconds  # noqa: E402
+
+SIDES = (20, 40, 81, 163)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="mcnn")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--keep", type=int, default=45)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-amp", dest="amp", action="store_false")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    model = prepare_model(build(args.model), device).eval()
+    image = torch.rand(3, args.height, args.width, device=device)
+    d = units_per_image(image.shape, "element")
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def certify() -> None:
+        samples = ablated_counts(model, image, args.keep, args.samples, "element", batch_size=args.batch_size,
+                                 generator=generator).cpu().numpy()
+        for s in SIDES:
+            certified_interval(samples, delta(d, patch_units(s, "element"), args.keep), 0.05)
+
+    sizes = [min(args.batch_size, args.samples - i) for i in range(0, args.samples, args.batch_size)]
+    batches = [ablate(image.expand(n, *image.shape), args.keep, generator=generator) for n in sizes]
+
+    def bare() -> None:
+        for b in batches:
+            model(b).sum(dim=(1, 2, 3))
+
+    t_bare = t_certify = float("inf")
+    with torch.no_grad(), autocast(device, args.amp):
+        bare()  # warm-up
+        certify()
+        for _ in range(args.repeats):  # interleaved, so that a change of load elsewhere hits both alike
+            t_bare = min(t_bare, best_seconds(bare, 1, warmup=0, device=device))
+            t_certify = min(t_certify, best_seconds(certify, 1, warmup=0, device=device))
+    print(json.dumps({"device": str(device), "model": args.model, "image": [3, args.height, args.width],
+                      "samples": args.samples, "batch_size": args.batch_size, "keep": args.keep,
+                      "amp": args.amp and device.type == "cuda", "certify_s": round(t_certify, 4),
+                      "bare_forward_s": round(t_bare, 4), "ratio": round(t_certify / t_bare, 3)}))
+
+
+if __name__ == "__main__":
+    main()

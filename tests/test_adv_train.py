@@ -1,0 +1,75 @@
+"""MCNN_adv_train.py: a short run moves the patch and the model, resume carries the patch, bad input."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import MCNN_adv_train as script
+from utils.io import load_checkpoint
+from utils.patch import random_patch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _argv(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--weights", str(weights), "--out", str(out), "--crop", "64", "--batch-size", "2",
+            "--patch-size", "16", "--attack-steps", "2", "--val-attack-epochs", "1", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def adv_run(tiny_crowds, tiny_mcnn, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("adv")
+    summary = script.main(script.get_args_parser().parse_args(_argv(tiny_crowds, tiny_mcnn, out, "--epochs", "2",
+                                                                     "--kappa", "0.5")))
+    return out, summary
+
+
+def test_short_run_moves_the_patch_and_the_model(adv_run, tiny_mcnn):
+    out, summary = adv_run
+    state = load_checkpoint(out / "last.pt")
+    start = random_patch(16, torch.Generator().manual_seed(0))
+    assert not torch.allclose(state["recipe"]["patch"], start)  # the patch co-evolved
+    assert 0 <= float(state["recipe"]["patch"].min()) and float(state["recipe"]["patch"].max()) <= 1
+    before = load_checkpoint(tiny_mcnn)["state_dict"]
+    assert any(not torch.equal(state["state_dict"][k], before[k]) for k in before)  # and the model learned
+    log = list(csv.DictReader(open(out / "log.csv")))
+    assert [float(r["kappa"]) for r in log] == [0.5, 0.5]
+    assert {"mae", "clean_mae", "start"} <= set(summary) and summary["start"]["clean_mae"] >= 0
+
+
+def test_resume_carries_the_patch(adv_run, tiny_crowds, tiny_mcnn, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(adv_run[0], out)
+    saved = load_checkpoint(out / "last.pt")["recipe"]["patch"]
+    recipe_seen = {}
+    original = script.AdversarialRecipe.load_state_dict
+
+    def spy(self, state):
+        original(self, state)
+        recipe_seen["patch"] = self.attack.patch.clone()
+
+    script.AdversarialRecipe.load_state_dict = spy
+    try:
+        script.main(script.get_args_parser().parse_args(_argv(tiny_crowds, tiny_mcnn, out, "--epochs", "3",
+                                                              "--kappa", "0.5", "--resume")))
+    finally:
+        script.AdversarialRecipe.load_state_dict = original
+    assert torch.equal(recipe_seen["patch"], saved)
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2, 3]
+
+
+def test_bad_input_gives_one_line(tiny_crowds, tiny_mcnn, tmp_path):
+    cases = [(["--attack-steps", "-1"], "attack steps must be at least 0"),
+             (["--kappa", "1.5"], "kappa must lie in [0, 1]"),
+             (["--kappa", "often"], "kappa must lie in [0, 1]"),
+             (["--patch-size", "80"], "larger than the smallest crop")]
+    for extra, message in cases:
+        result = subprocess.run([sys.executable, "MCNN_adv_train.py", *_argv(tiny_crowds, tiny_mcnn, tmp_path / "x",
+                                 "--epochs", "1", *extra)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], (extra, result.stderr)

@@ -1,0 +1,161 @@
+"""Training recipes beyond plain training (see `utils.training.Recipe`): randomized-ablation ("certified")
+training and adversarial training with a co-evolving universal patch."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets.crowd import CrowdDataset
+from utils.ablation import FILL, ablate, units_per_image
+from utils.attack import APAM, APAMConfig, evaluate_patch, optimise_patch, patch_metrics
+from utils.certify import ablated_counts
+from utils.errors import ToolkitError
+from utils.metrics import summarize
+from utils.patch import apply_patch, random_patch, sample_centers
+from utils.runtime import autocast
+from utils.training import Recipe
+
+
+class AblationRecipe(Recipe):
+    """Clean warm-up epochs, then every step on a fresh ablation of the batch (DESIGN §6, PAPER.md §3.4).
+
+    A crop keeps the same fraction of its units as `keep` is of a whole image of `reference_units` (the mean
+    test image), so the density of kept units, and hence the scale of each one's contribution to the count,
+    is the one the certified model meets on whole images. Validation: the clean count, one ablation per image,
+    and the smoothed count (median of `val_samples` ablations), which picks best.pt; only the clean count during
+    the warm-up.
+    """
+
+    def __init__(self, keep: int, unit: str = "element", fill: float = FILL, warmup_epochs: int = 0,
+                 val_samples: int = 16, reference_units: int | None = None, batch_size: int = 64,
+                 generator: torch.Generator | None = None):
+        if val_samples < 1:
+            raise ToolkitError(f"the number of validation samples must be at least 1, got {val_samples}")
+        if warmup_epochs < 0:
+            raise ToolkitError(f"warm-up epochs must be at least 0, got {warmup_epochs}")
+        self.keep, self.unit, self.fill, self.warmup_epochs = keep, unit, fill, warmup_epochs
+        self.val_samples, self.reference_units, self.batch_size = val_samples, reference_units, batch_size
+        self.generator = generator
+
+    def keep_for(self, shape: tuple[int, ...]) -> int:
+        """Units kept in an input of `shape`: `keep`, scaled to the share of a reference image it covers."""
+        d = units_per_image(shape, self.unit)
+        if self.reference_units is None:
+            return min(self.keep, d)
+        return int(np.clip(round(self.keep * d / self.reference_units), 1, d))
+
+    def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        if epoch >= self.warmup_epochs:
+            images = ablate(images, self.keep_for(images.shape), self.unit, self.fill, self.generator)
+        return model.loss(images, targets)
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
+                 epoch: int) -> tuple[dict, list[dict]]:
+        if epoch < self.warmup_epochs:  # the smoothed count of a clean-trained model says little: save the time
+            metrics, rows = super().validate(model, test_set, device, amp, epoch)
+            return {"mae": math.nan, "mse": math.nan, "ablated_mae": math.nan, "ablated_mse": math.nan,
+                    "clean_mae": metrics["mae"]}, rows
+        model.eval()
+        rows = []
+        for i in tqdm(range(len(test_set)), desc="validate", leave=False, dynamic_ncols=True):
+            image, _, count = test_set[i]
+            image = image.to(device)
+            with autocast(device, amp):
+                clean = float(model(image[None]).float().sum())
+                counts = ablated_counts(model, image, min(self.keep, units_per_image(image.shape, self.unit)),
+                                        self.val_samples, self.unit, self.fill, self.batch_size, self.generator)
+            rows.append({"image": test_set.names[i], "gt": count, "pred": clean, "ablated": float(counts[0]),
+                         "smoothed": float(np.median(counts.cpu().numpy()))})
+        gt = [r["gt"] for r in rows]
+        smoothed, ablated, clean = (summarize([r[key] for r in rows], gt) for key in ("smoothed", "ablated", "pred"))
+        return {"mae": smoothed["mae"], "mse": smoothed["mse"], "ablated_mae": ablated["mae"],
+                "ablated_mse": ablated["mse"], "clean_mae": clean["mae"]}, rows
+
+
+def kappa(epoch: int, epochs: int, spec: str | float) -> float:
+    """Weight κ of the clean loss at `epoch` (0-based): a constant, or `paper` (PAPER.md §4): 1 for epochs 0–49,
+    then linear down to 0.5 at epoch 399, then 0.5, with the 800-epoch axis stretched onto `epochs`."""
+    if spec != "paper":
+        try:
+            value = float(spec)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise ToolkitError(f"kappa must lie in [0, 1] or be 'paper', got {spec}")
+        return value
+    t = epoch * 800 / epochs
+    return min(1.0, max(0.5, 1 - 0.5 * (t - 49) / 350))
+
+
+class AdversarialRecipe(Recipe):
+    """Adversarial training with a universal patch that co-evolves with the model (PAPER.md §4): each step runs
+    `attack_steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·loss(patched) + κ·loss(clean).
+
+    Validation: clean MAE / RMSE, and MAE / RMSE under a fresh APAM patch optimised on the test images with the same
+    budget every epoch (`val_attack`: `attack_metrics` arguments: config, epochs, batch_size, seed), which picks
+    best.pt.
+    """
+
+    def __init__(self, patch: torch.Tensor, mask: torch.Tensor, config: APAMConfig, attack_steps: int,
+                 kappa_spec: str | float, epochs: int, val_attack: dict, generator: torch.Generator | None = None,
+                 amp: bool = True):
+        if attack_steps < 0:
+            raise ToolkitError(f"the number of attack steps must be at least 0, got {attack_steps}")
+        kappa(0, epochs, kappa_spec)  # fail early on a bad κ
+        self.config, self.attack_steps, self.kappa_spec, self.epochs = config, attack_steps, kappa_spec, epochs
+        self.val_attack, self.generator = val_attack, generator
+        self.attack = APAM(None, patch, mask, config, generator, amp)
+
+    def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        k = kappa(epoch, self.epochs, self.kappa_spec)
+        self.attack.model = model  # the network stays in train mode during the attack, as in the paper's code
+        target = self.attack.batch_target(images, targets) if self.attack_steps else None
+        for _ in range(self.attack_steps):
+            self.attack.step(images, target)
+        n, _, h, w = images.shape
+        centers = sample_centers(n, h, w, self.attack.patch.shape[-1], self.config.placement, self.generator)
+        patched, _ = apply_patch(images, self.attack.patch, self.attack.mask, centers, self.config.transform,
+                                 self.generator)
+        adversarial = model.loss(patched, targets) if k < 1 else 0.0
+        return (1 - k) * adversarial + k * model.loss(images, targets)
+
+    def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
+                 epoch: int) -> tuple[dict, list[dict]]:
+        model.eval()
+        metrics, rows = attack_metrics(model, test_set, self.attack.patch.shape[-1], self.attack.mask, device, amp,
+                                       **self.val_attack)
+        return {"mae": metrics["attacked"]["mae"], "mse": metrics["attacked"]["mse"],
+                "clean_mae": metrics["clean"]["mae"], "clean_mse": metrics["clean"]["mse"],
+                "kappa": kappa(epoch, self.epochs, self.kappa_spec)}, [{**r, "pred": r["clean"]} for r in rows]
+
+    def state_dict(self) -> dict:
+        return {"patch": self.attack.patch.cpu(), "velocity": self.attack.velocity.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.attack.patch = state["patch"].to(self.attack.patch.device)
+            self.attack.velocity = state["velocity"].to(self.attack.velocity.device)
+
+
+def attack_metrics(model: torch.nn.Module, dataset: CrowdDataset, side: int, mask: torch.Tensor,
+                   device: torch.device, amp: bool = True, config: APAMConfig | None = None, epochs: int = 2,
+                   batch_size: int = 8, seed: int = 0) -> tuple[dict, list[dict]]:
+    """A fresh APAM patch (noise from `seed`) optimised on `dataset` for `epochs`, then evaluated on it:
+    (`patch_metrics`, per-image rows). The same budget for every model makes their attacked MAEs comparable."""
+    config = config or APAMConfig()
+    trainable = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        start = random_patch(side, torch.Generator().manual_seed(seed))
+        patch, _ = optimise_patch(model, dataset, start, mask.to(device), config, device, epochs, 1, batch_size, seed,
+                                  amp, desc="fresh patch")
+        rows, _ = evaluate_patch(model, dataset, patch, mask.to(device), config.placement, config.transform, device,
+                                 batch_size, seed, amp)
+    finally:
+        for p, flag in zip(model.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
+    return patch_metrics(rows), rows
