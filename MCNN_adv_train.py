@@ -1,7 +1,7 @@
 """Adversarial training against a universal patch, any of the five models (PAPER.md §4): each step runs
 `--attack-steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·MSE(patched) + κ·MSE(clean),
 κ on the paper's schedule (or a constant). Each epoch validates clean MAE / RMSE and MAE / RMSE under a fresh APAM
-patch of the same size with a fixed budget (the default attack of patch_attack.py); best.pt is the most robust.
+patch of the same size with a fixed budget (`utils.attack.attack_metrics`); best.pt is the most robust.
 
     python MCNN_adv_train.py                                     # fine-tunes the cached synthetic MCNN
     python MCNN_adv_train.py --data ShanghaiTech/part_A_final --epochs 800 --lr 1e-4 --patch-size 16 --crop 200 \\
@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from datasets.crowd import CrowdDataset
 from utils import cli
 from utils.attack import DEFAULT_SIDE, TARGETS, APAMConfig
 from utils.errors import ToolkitError
@@ -34,13 +35,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("adversarial training")
     group.add_argument("--kappa", default="paper", help="weight of the clean loss: 'paper' (1 → 0.5) or a constant")
     group.add_argument("--attack-steps", type=int, default=5, help="APAM updates of the patch per training step")
-    group.add_argument("--target", default="gt-scale", choices=TARGETS, help="the paper: −1 × gt (gt-scale, τ −1)")
-    group.add_argument("--tau", type=float, default=-1.0)
+    group.add_argument("--target", default="pred-scale", choices=TARGETS,
+                       help="the attack's objective (default: patch_attack.py's); the paper's: gt-scale with --tau -1")
+    group.add_argument("--tau", type=float, default=10.0)
     group.add_argument("--attack-lr", type=cli.positive_float, default=0.01, help="APAM step η in pixel units")
     group.add_argument("--patch-size", type=cli.positive_int, default=DEFAULT_SIDE, help="patch side in pixels")
     group.add_argument("--patch-shape", default="circle", choices=SHAPES)
-    group.add_argument("--val-attack-epochs", type=cli.positive_int, default=2,
-                       help="passes of the fresh validation patch over the test images")
+    group.add_argument("--val-attack-epochs", type=cli.positive_int, default=6,
+                       help="passes of each fresh validation patch over crops of the test images")
+    group.add_argument("--val-attack-restarts", type=cli.positive_int, default=2,
+                       help="fresh validation patches per epoch; the strongest counts")
     cli.add_run_args(parser)
     return parser
 
@@ -54,7 +58,10 @@ def main(args: argparse.Namespace) -> dict:
         raise ToolkitError(f"patch side {args.patch_size} is larger than the smallest crop or test image ({smallest})")
     gen = torch.Generator().manual_seed(args.seed)
     config = APAMConfig(target=args.target, tau=args.tau, lr=args.attack_lr, transform=PatchTransform())
-    val_attack = {"config": APAMConfig(), "epochs": args.val_attack_epochs, "seed": args.seed}
+    attack_set = CrowdDataset.for_model(test_set.root, model, density=args.density, crop=args.crop,
+                                        max_images=args.max_test_images)
+    val_attack = {"attack_set": attack_set, "epochs": args.val_attack_epochs, "restarts": args.val_attack_restarts,
+                  "seed": args.seed}
     recipe = AdversarialRecipe(random_patch(args.patch_size, gen).to(device), make_mask(args.patch_size,
                                args.patch_shape), config, args.attack_steps, args.kappa, args.epochs, val_attack, gen,
                                args.amp)

@@ -11,23 +11,19 @@ attacked median lies in [L, U] (order statistics of the N clean samples) with co
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets.crowd import CrowdDataset
 from models import build
 from utils import cli
 from utils.ablation import FILL, UNITS, units_per_image
-from utils.certify import ablated_counts, bound_table, certified_interval, delta, patch_units
+from utils.certify import bound_table, certify_dataset
 from utils.errors import ToolkitError
 from utils.io import load_checkpoint, save_csv, save_json
-from utils.metrics import summarize
 from utils.plots import interval_figure
-from utils.runtime import autocast, pick_device, prepare_model, seed_everything
+from utils.runtime import pick_device, prepare_model, seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -93,30 +89,8 @@ def main(args: argparse.Namespace) -> dict:
     model = prepare_model(model, device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    rows = []
-    for i in tqdm(range(len(dataset)), desc="certify", dynamic_ncols=True):
-        image, _, count = dataset[i]
-        d = units_per_image(image.shape, args.unit)
-        with autocast(device, args.amp):
-            samples = ablated_counts(model, image.to(device), args.keep, args.samples, args.unit, args.fill,
-                                     args.batch_size, generator).cpu().numpy()
-        row = {"image": dataset.names[i], "gt": count, "smoothed": float(np.median(samples))}
-        for s in args.patch_sizes:
-            row[f"L{s}"], row[f"U{s}"] = certified_interval(samples, delta(d, patch_units(s, args.unit), args.keep),
-                                                            args.alpha)
-        rows.append(row)
-
-    gt = [r["gt"] for r in rows]
-    metrics = {"smoothed": summarize([r["smoothed"] for r in rows], gt), "keep": args.keep, "unit": args.unit,
-               "samples": args.samples, "alpha": args.alpha, "patch_sizes": {}}
-    for s in args.patch_sizes:
-        certified = [r for r in rows if not math.isnan(r[f"L{s}"])]
-        worst = np.array([max(abs(r[f"L{s}"] - r["gt"]), abs(r[f"U{s}"] - r["gt"])) for r in certified])
-        metrics["patch_sizes"][str(s)] = {
-            "certified_fraction": len(certified) / len(rows),
-            "tight_mae": float(worst.mean()) if len(worst) else math.nan,
-            "tight_mse": float(np.sqrt((worst**2).mean())) if len(worst) else math.nan,
-            "mean_width": float(np.mean([r[f"U{s}"] - r[f"L{s}"] for r in certified])) if certified else math.nan}
+    rows, metrics = certify_dataset(model, dataset, args.keep, args.samples, args.patch_sizes, args.alpha, args.unit,
+                                    args.fill, args.batch_size, device, args.amp, generator)
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     interval_figure(out / "intervals.png", rows, args.patch_sizes)

@@ -19,6 +19,15 @@ def units_per_image(shape: tuple[int, ...], unit: str) -> int:
     return c * h * w if unit == "element" else h * w
 
 
+def scaled_keep(keep: int, shape: tuple[int, ...], reference_units: int | None, unit: str = "element") -> int:
+    """Units to keep in an input of `shape` (e.g. a crop) so that it keeps the share `keep / reference_units` of a
+    whole image: the density of kept units, and so each one's weight in the count, stays the same."""
+    d = units_per_image(shape, unit)
+    if reference_units is None:
+        return min(keep, d)
+    return max(1, min(d, round(keep * d / reference_units)))
+
+
 def sample_indices(d: int, keep: int, batch: int, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """(batch, keep) distinct indices in [0, d) per row, each row a uniform `keep`-subset.

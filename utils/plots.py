@@ -76,3 +76,16 @@ def curve_figure(path: str | Path, series: dict[str, Sequence[float]], xlabel: s
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def bar_figure(path: str | Path, groups: dict[str, dict[str, float]], ylabel: str = "") -> Path:
+    """Grouped bars: one group per key of `groups`, one bar per inner key (the same inner keys in every group)."""
+    labels = list(next(iter(groups.values())))
+    x, width = np.arange(len(groups)), 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 3.4))
+    for k, label in enumerate(labels):
+        ax.bar(x + k * width, [g[label] for g in groups.values()], width, label=label)
+    ax.set_xticks(x + width * (len(labels) - 1) / 2, list(groups))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

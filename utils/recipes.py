@@ -9,12 +9,12 @@ import torch
 from tqdm import tqdm
 
 from datasets.crowd import CrowdDataset
-from utils.ablation import FILL, ablate, units_per_image
-from utils.attack import APAM, APAMConfig, evaluate_patch, optimise_patch, patch_metrics
+from utils.ablation import FILL, ablate, scaled_keep, units_per_image
+from utils.attack import APAM, APAMConfig, attack_metrics
 from utils.certify import ablated_counts
 from utils.errors import ToolkitError
 from utils.metrics import summarize
-from utils.patch import apply_patch, random_patch, sample_centers
+from utils.patch import apply_patch, sample_centers
 from utils.runtime import autocast
 from utils.training import Recipe
 
@@ -41,11 +41,7 @@ class AblationRecipe(Recipe):
         self.generator = generator
 
     def keep_for(self, shape: tuple[int, ...]) -> int:
-        """Units kept in an input of `shape`: `keep`, scaled to the share of a reference image it covers."""
-        d = units_per_image(shape, self.unit)
-        if self.reference_units is None:
-            return min(self.keep, d)
-        return int(np.clip(round(self.keep * d / self.reference_units), 1, d))
+        return scaled_keep(self.keep, shape, self.reference_units, self.unit)
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         if epoch >= self.warmup_epochs:
@@ -95,9 +91,8 @@ class AdversarialRecipe(Recipe):
     """Adversarial training with a universal patch that co-evolves with the model (PAPER.md §4): each step runs
     `attack_steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·loss(patched) + κ·loss(clean).
 
-    Validation: clean MAE / RMSE, and MAE / RMSE under a fresh APAM patch optimised on the test images with the same
-    budget every epoch (`val_attack`: `attack_metrics` arguments: config, epochs, batch_size, seed), which picks
-    best.pt.
+    Validation: clean MAE / RMSE, and MAE / RMSE under a fresh APAM patch with the same budget every epoch
+    (`val_attack`: `attack_metrics` arguments from `attack_set` on), which picks best.pt.
     """
 
     def __init__(self, patch: torch.Tensor, mask: torch.Tensor, config: APAMConfig, attack_steps: int,
@@ -126,8 +121,8 @@ class AdversarialRecipe(Recipe):
     def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
                  epoch: int) -> tuple[dict, list[dict]]:
         model.eval()
-        metrics, rows = attack_metrics(model, test_set, self.attack.patch.shape[-1], self.attack.mask, device, amp,
-                                       **self.val_attack)
+        metrics, rows = attack_metrics(model, test_set=test_set, side=self.attack.patch.shape[-1],
+                                       mask=self.attack.mask, device=device, amp=amp, **self.val_attack)
         return {"mae": metrics["attacked"]["mae"], "mse": metrics["attacked"]["mse"],
                 "clean_mae": metrics["clean"]["mae"], "clean_mse": metrics["clean"]["mse"],
                 "kappa": kappa(epoch, self.epochs, self.kappa_spec)}, [{**r, "pred": r["clean"]} for r in rows]
@@ -139,23 +134,3 @@ class AdversarialRecipe(Recipe):
         if state:
             self.attack.patch = state["patch"].to(self.attack.patch.device)
             self.attack.velocity = state["velocity"].to(self.attack.velocity.device)
-
-
-def attack_metrics(model: torch.nn.Module, dataset: CrowdDataset, side: int, mask: torch.Tensor,
-                   device: torch.device, amp: bool = True, config: APAMConfig | None = None, epochs: int = 2,
-                   batch_size: int = 8, seed: int = 0) -> tuple[dict, list[dict]]:
-    """A fresh APAM patch (noise from `seed`) optimised on `dataset` for `epochs`, then evaluated on it:
-    (`patch_metrics`, per-image rows). The same budget for every model makes their attacked MAEs comparable."""
-    config = config or APAMConfig()
-    trainable = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        start = random_patch(side, torch.Generator().manual_seed(seed))
-        patch, _ = optimise_patch(model, dataset, start, mask.to(device), config, device, epochs, 1, batch_size, seed,
-                                  amp, desc="fresh patch")
-        rows, _ = evaluate_patch(model, dataset, patch, mask.to(device), config.placement, config.transform, device,
-                                 batch_size, seed, amp)
-    finally:
-        for p, flag in zip(model.parameters(), trainable, strict=True):
-            p.requires_grad_(flag)
-    return patch_metrics(rows), rows
