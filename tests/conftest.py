@@ -55,3 +55,17 @@ def tiny_ra_mcnn(tiny_crowds, tmp_path_factory) -> Path:
         "--data", str(tiny_crowds), "--out", str(out), "--crop", "64", "--batch-size", "2", "--epochs", "6",
         "--warmup-epochs", "2", "--keep", "45", "--val-samples", "3", "--device", "cpu", "--seed", "1"]))
     return out
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run a script's `main` in-process through `utils.cli.run`; returns (exit status, stderr lines)."""
+    from utils import cli
+
+    def run(script, argv: list[str]) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(script.main, script.get_args_parser(), argv)
+        return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+    return run

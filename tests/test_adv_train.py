@@ -1,7 +1,5 @@
 """MCNN_adv_train.py: a short run moves the patch and the model, resume carries the patch, bad input."""
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +8,6 @@ import torch
 import MCNN_adv_train as script
 from utils.io import load_checkpoint
 from utils.patch import random_patch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _argv(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
@@ -63,13 +59,11 @@ def test_resume_carries_the_patch(adv_run, tiny_crowds, tiny_mcnn, tmp_path):
     assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2, 3]
 
 
-def test_bad_input_gives_one_line(tiny_crowds, tiny_mcnn, tmp_path):
+def test_bad_input_gives_one_line(tiny_crowds, tiny_mcnn, tmp_path, cli_error):
     cases = [(["--attack-steps", "-1"], "attack steps must be at least 0"),
              (["--kappa", "1.5"], "kappa must lie in [0, 1]"),
              (["--kappa", "often"], "kappa must lie in [0, 1]"),
              (["--patch-size", "80"], "larger than the smallest crop")]
     for extra, message in cases:
-        result = subprocess.run([sys.executable, "MCNN_adv_train.py", *_argv(tiny_crowds, tiny_mcnn, tmp_path / "x",
-                                 "--epochs", "1", *extra)], cwd=REPO, capture_output=True, text=True, timeout=120)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], (extra, result.stderr)
+        code, lines = cli_error(script, _argv(tiny_crowds, tiny_mcnn, tmp_path / "x", "--epochs", "1", *extra))
+        assert code != 0 and len(lines) == 1 and message in lines[0], (extra, lines)

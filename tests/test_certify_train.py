@@ -42,13 +42,11 @@ def test_certify_accepts_the_checkpoint_without_warning(tiny_ra_mcnn, tiny_crowd
     assert "warning" not in result.stdout and "certified" in result.stdout
 
 
-def test_bad_input_gives_one_line(tiny_crowds, tmp_path):
+def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
     cases = [(["--warmup-epochs", "-1"], "warm-up epochs must be at least 0"),
              (["--keep", "0"], "--keep: must be a positive integer"),
              (["--unit", "row"], "--unit: invalid choice")]
     for extra, message in cases:
-        result = subprocess.run([sys.executable, "MCNN_certify_train.py", "--data", str(tiny_crowds), "--out",
-                                 str(tmp_path), "--epochs", "1", "--device", "cpu", *extra], cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], (extra, result.stderr)
+        code, lines = cli_error(script, ["--data", str(tiny_crowds), "--out", str(tmp_path), "--epochs", "1",
+                                         "--device", "cpu", *extra])
+        assert code != 0 and len(lines) == 1 and message in lines[0], (extra, lines)

@@ -1,18 +1,13 @@
 """compare_defenses.py on given checkpoints: the table, the RA certificate, and mixed architectures."""
-import subprocess
-import sys
-from pathlib import Path
 
 import compare_defenses
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_path, capsys):
     args = compare_defenses.get_args_parser().parse_args([
         "--data", str(tiny_crowds), "--vanilla", str(tiny_mcnn), "--adv", str(tiny_mcnn), "--ra",
-        str(tiny_ra_mcnn / "best.pt"), "--patch-sizes", "8", "16", "--attack-epochs", "1", "--restarts", "2", "--samples", "60",
-        "--attack-samples", "5", "--eot", "2", "--out", str(tmp_path), "--device", "cpu"])
+        str(tiny_ra_mcnn / "best.pt"), "--patch-sizes", "8", "16", "--attack-epochs", "1", "--restarts", "2",
+        "--samples", "60", "--attack-samples", "5", "--eot", "2", "--out", str(tmp_path), "--device", "cpu"])
     results = compare_defenses.main(args)
     table = (tmp_path / "comparison.md").read_text()
     assert table in capsys.readouterr().out and (tmp_path / "comparison.png").is_file()
@@ -24,14 +19,12 @@ def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_p
     assert results["ra"]["clean"] == cert["smoothed"]
 
 
-def test_mixed_architectures_give_one_line(tiny_crowds, tiny_mcnn, tmp_path):
+def test_mixed_architectures_give_one_line(tiny_crowds, tiny_mcnn, tmp_path, cli_error):
     from models import build
     from models.weights import checkpoint_state
     from utils.io import save_checkpoint
 
     other = save_checkpoint(tmp_path / "cmtl.pt", checkpoint_state(build("cmtl")))
-    result = subprocess.run([sys.executable, "compare_defenses.py", "--data", str(tiny_crowds), "--vanilla",
-                             str(tiny_mcnn), "--adv", str(other), "--out", str(tmp_path / "x")], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and "holds a cmtl model, not mcnn" in lines[0], result.stderr
+    code, lines = cli_error(compare_defenses, ["--data", str(tiny_crowds), "--vanilla", str(tiny_mcnn), "--adv",
+                                               str(other), "--out", str(tmp_path / "x")])
+    assert code != 0 and len(lines) == 1 and "holds a cmtl model, not mcnn" in lines[0], lines
