@@ -38,7 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--target", default="pred-scale", choices=TARGETS,
                        help="the attack's objective (default: patch_attack.py's); the paper's: gt-scale with --tau -1")
     group.add_argument("--tau", type=float, default=10.0)
-    group.add_argument("--attack-lr", type=cli.positive_float, default=0.01, help="APAM step η in pixel units")
+    group.add_argument("--attack-lr", type=cli.positive_float, default=0.001,
+                       help="APAM step η in pixel units (at 0.01 the co-evolving patch grows so strong that the model "
+                            "learns to undercount everything)")
     group.add_argument("--patch-size", type=cli.positive_int, default=DEFAULT_SIDE, help="patch side in pixels")
     group.add_argument("--patch-shape", default="circle", choices=SHAPES)
     group.add_argument("--val-attack-epochs", type=cli.positive_int, default=6,
@@ -74,11 +76,13 @@ def main(args: argparse.Namespace) -> dict:
     summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
                   resume=args.resume, record=vars(args), recipe=recipe)
+    best = summary["best"]
     if start is not None:
         summary["start"] = start
-        save_json(out / "metrics.json", summary)
-        print(f"attacked MAE: start model {start['mae']:.2f} -> adversarially trained {summary['mae']:.2f} "
-              f"(clean {start['clean_mae']:.2f} -> {summary['clean_mae']:.2f})")
+        print(f"attacked MAE: start model {start['mae']:.2f} (clean {start['clean_mae']:.2f}) -> best.pt, epoch "
+              f"{best['epoch']}: {best['mae']:.2f} (clean {best['clean_mae']:.2f}); last epoch {summary['mae']:.2f} "
+              f"(clean {summary['clean_mae']:.2f})")
+    save_json(out / "metrics.json", summary)
     return summary
 
 

@@ -114,8 +114,10 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     if not history:
         raise ToolkitError(f"nothing to do: the run in {out} already finished {epochs} epochs")
     last = history[-1]
+    best_row = min((h for h in history if h["mae"] == h["mae"]), key=lambda h: h["mae"], default=None)  # NaN-safe
     summary = {"model": model.name, "epochs": len(history), **{k: v for k, v in last.items() if k != "epoch"},
-               "best_mae": best, "baseline_mae": baseline, "mae_over_baseline": last["mae"] / max(baseline, 1e-12),
+               "best_mae": best, "best": best_row, "baseline_mae": baseline,
+               "mae_over_baseline": last["mae"] / max(baseline, 1e-12),
                "train_images": len(train_set), "test_images": len(test_set)}
     save_json(out / "metrics.json", summary)
     curve_figure(out / "curves.png", {"train loss": [h["loss"] for h in history]}, ylabel="loss")
