@@ -32,7 +32,7 @@ from utils.victims import synthetic_victim
 
 KINDS = ("vanilla", "adv", "ra")
 # The synthetic default's shorter schedules and smaller test set, printed with the table
-SHORT = {"adv": ["--epochs", "3", "--val-attack-restarts", "1"], "ra": ["--epochs", "8", "--warmup-epochs", "2"]}
+SHORT = {"adv": ["--epochs", "6", "--val-attack-restarts", "1"], "ra": ["--epochs", "8", "--warmup-epochs", "2"]}
 SHORT_TEST_IMAGES = 20
 
 

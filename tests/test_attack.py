@@ -1,6 +1,3 @@
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +7,6 @@ from models import MODEL_NAMES, build
 from utils.attack import APAM, APAMConfig, attack_loss, momentum_step, target_density
 from utils.errors import ToolkitError
 from utils.patch import PatchTransform, make_mask, random_patch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mifgsm_step_by_hand():
@@ -119,12 +114,7 @@ def test_same_seed_same_patch(tiny_mcnn, tiny_crowds, tmp_path):
     assert torch.equal(*patches)
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "patch_attack.py", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_bad_input_gives_one_line(tiny_mcnn, tiny_crowds, tmp_path):
+def test_bad_input_gives_one_line(tiny_mcnn, tiny_crowds, tmp_path, cli_error):
     torch.save({"patch": torch.rand(1, 8, 8), "mask": torch.ones(1, 8, 8)}, tmp_path / "grey.pt")
     base = ["--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--device", "cpu"]
     cases = [
@@ -134,11 +124,10 @@ def test_bad_input_gives_one_line(tiny_mcnn, tiny_crowds, tmp_path):
         (["--weights", str(tiny_mcnn), "--train-data", str(tiny_crowds / "train_data")], "a test split is needed"),
     ]
     for argv, message in cases:
-        result = _run(*argv)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], (argv, result.stderr)
-    result = _run(*base, "--target", "confuse")
-    assert result.returncode != 0 and "invalid choice" in result.stderr
+        code, lines = cli_error(patch_attack, argv)
+        assert code != 0 and len(lines) == 1 and message in lines[0], (argv, lines)
+    code, lines = cli_error(patch_attack, [*base, "--target", "confuse"])
+    assert code != 0 and "invalid choice" in lines[-1]
 
 
 @pytest.mark.slow

@@ -1,15 +1,11 @@
 """evaluate.py end to end: the real MCNN weights reproduce the golden counts on ShanghaiTech-mini."""
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import evaluate
 
-REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = {"mcnn_shtechA_count": "mcnn_shtechA_660.h5", "mcnn_shtechB_count": "mcnn_shtechB_110.h5"}
 SPLITS = ["part_A_final/train_data", "part_A_final/test_data", "part_B_final/train_data", "part_B_final/test_data"]
 
@@ -39,11 +35,7 @@ def test_real_mcnn_counts_match_golden(shared_dir, tmp_path, key):
     assert checked == len(golden) == 19
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
-def test_bad_input_gives_one_line_and_nonzero_exit(shared_dir, tmp_path):
+def test_bad_input_gives_one_line_and_nonzero_exit(shared_dir, tmp_path, cli_error):
     weights = shared_dir / "weights" / "mcnn_shtechA_660.h5"
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
@@ -55,7 +47,5 @@ def test_bad_input_gives_one_line_and_nonzero_exit(shared_dir, tmp_path):
         (["--model", "mcnn", "--weights", str(weights), "--data", str(tmp_path / "missing")], "not found"),
     ]
     for argv, message in cases:
-        result = _run("evaluate.py", *argv, "--out", str(tmp_path / "out"))
-        assert result.returncode != 0, argv
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (argv, result.stderr)
+        code, lines = cli_error(evaluate, [*argv, "--out", str(tmp_path / "out")])
+        assert code != 0 and len(lines) == 1 and message in lines[0], (argv, lines)

@@ -62,12 +62,7 @@ def test_sigkill_then_resume_continues_from_the_last_epoch(tiny_crowds, tmp_path
     assert any(not torch.equal(final["state_dict"][k], weights[k]) for k in weights)
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_bad_input_gives_one_line(tiny_crowds, tmp_path):
+def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
     cases = [
         (_argv(tiny_crowds, tmp_path / "a", "--resume"), "nothing to resume"),
         (_argv(tmp_path / "nowhere", tmp_path / "b"), "data split not found"),
@@ -77,9 +72,8 @@ def test_bad_input_gives_one_line(tiny_crowds, tmp_path):
         (["--crop", "-8"], "--crop: must be a positive integer"),
     ]
     for argv, message in cases:
-        result = _run(*argv)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], (argv, result.stderr)
+        code, lines = cli_error(train, argv)
+        assert code != 0 and len(lines) == 1 and message in lines[0], (argv, lines)
 
 
 @pytest.mark.slow
