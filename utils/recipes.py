@@ -40,6 +40,13 @@ class AblationRecipe(Recipe):
         self.val_samples, self.reference_units, self.batch_size = val_samples, reference_units, batch_size
         self.generator = generator
 
+    def state_dict(self) -> dict:  # so that a resumed run draws new ablations, not the first epochs' again
+        return {"generator": self.generator.get_state()} if self.generator is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
     def keep_for(self, shape: tuple[int, ...]) -> int:
         return scaled_keep(self.keep, shape, self.reference_units, self.unit)
 
@@ -128,9 +135,12 @@ class AdversarialRecipe(Recipe):
                 "kappa": kappa(epoch, self.epochs, self.kappa_spec)}, [{**r, "pred": r["clean"]} for r in rows]
 
     def state_dict(self) -> dict:
-        return {"patch": self.attack.patch.cpu(), "velocity": self.attack.velocity.cpu()}
+        state = {"patch": self.attack.patch.cpu(), "velocity": self.attack.velocity.cpu()}
+        return state | ({"generator": self.generator.get_state()} if self.generator is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.attack.patch = state["patch"].to(self.attack.patch.device)
             self.attack.velocity = state["velocity"].to(self.attack.velocity.device)
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
