@@ -1,7 +1,8 @@
 """Adversarial training against a universal patch, any of the five models (PAPER.md §4): each step runs
 `--attack-steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·MSE(patched) + κ·MSE(clean),
 κ on the paper's schedule (or a constant). Each epoch validates clean MAE / RMSE and MAE / RMSE under a fresh APAM
-patch of the same size with a fixed budget (`utils.attack.attack_metrics`); best.pt is the most robust.
+patch of the same size with a fixed budget (`utils.attack.attack_metrics`); best.pt is the most robust epoch
+among those that trained on patches (κ < 1).
 
     python MCNN_adv_train.py                                     # fine-tunes the cached synthetic MCNN
     python MCNN_adv_train.py --data ShanghaiTech/part_A_final --epochs 800 --lr 1e-4 --patch-size 16 --crop 200 \\
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> dict:
     if not args.resume:
         model.to(device)
         start, _ = recipe.validate(model, test_set, device, args.amp, 0)
-        print(f"start model: clean MAE {start['clean_mae']:.2f}, MAE {start['mae']:.2f} under a fresh "
+        print(f"start model: clean MAE {start['clean_mae']:.2f}, MAE {start['attacked_mae']:.2f} under a fresh "
               f"{args.patch_size}px patch")
     summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,

@@ -33,7 +33,8 @@ def test_short_run_moves_the_patch_and_the_model(adv_run, tiny_mcnn):
     assert any(not torch.equal(state["state_dict"][k], before[k]) for k in before)  # and the model learned
     log = list(csv.DictReader(open(out / "log.csv")))
     assert [float(r["kappa"]) for r in log] == [0.5, 0.5]
-    assert {"mae", "clean_mae", "start"} <= set(summary) and summary["start"]["clean_mae"] >= 0
+    assert {"mae", "attacked_mae", "clean_mae", "start"} <= set(summary) and summary["start"]["clean_mae"] >= 0
+    assert summary["best"]["epoch"] >= 1 and summary["best"]["kappa"] < 1
 
 
 def test_resume_carries_the_patch(adv_run, tiny_crowds, tiny_mcnn, tmp_path):

@@ -99,7 +99,8 @@ class AdversarialRecipe(Recipe):
     `attack_steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·loss(patched) + κ·loss(clean).
 
     Validation: clean MAE / RMSE, and MAE / RMSE under a fresh APAM patch with the same budget every epoch
-    (`val_attack`: `attack_metrics` arguments from `attack_set` on), which picks best.pt.
+    (`val_attack`: `attack_metrics` arguments from `attack_set` on); the attacked MAE of the epochs with κ < 1
+    picks best.pt.
     """
 
     def __init__(self, patch: torch.Tensor, mask: torch.Tensor, config: APAMConfig, attack_steps: int,
@@ -130,9 +131,13 @@ class AdversarialRecipe(Recipe):
         model.eval()
         metrics, rows = attack_metrics(model, test_set=test_set, side=self.attack.patch.shape[-1],
                                        mask=self.attack.mask, device=device, amp=amp, **self.val_attack)
-        return {"mae": metrics["attacked"]["mae"], "mse": metrics["attacked"]["mse"],
-                "clean_mae": metrics["clean"]["mae"], "clean_mse": metrics["clean"]["mse"],
-                "kappa": kappa(epoch, self.epochs, self.kappa_spec)}, [{**r, "pred": r["clean"]} for r in rows]
+        k = kappa(epoch, self.epochs, self.kappa_spec)
+        attacked = metrics["attacked"]
+        # best.pt is picked among the epochs that trained on patches (κ < 1), so it is never a clean-only model
+        chosen = attacked if k < 1 else {"mae": math.nan, "mse": math.nan}
+        return {"mae": chosen["mae"], "mse": chosen["mse"], "attacked_mae": attacked["mae"],
+                "attacked_mse": attacked["mse"], "clean_mae": metrics["clean"]["mae"],
+                "clean_mse": metrics["clean"]["mse"], "kappa": k}, [{**r, "pred": r["clean"]} for r in rows]
 
     def state_dict(self) -> dict:
         state = {"patch": self.attack.patch.cpu(), "velocity": self.attack.velocity.cpu()}
