@@ -80,9 +80,10 @@ def main(args: argparse.Namespace) -> dict:
     best = summary["best"]
     if start is not None:
         summary["start"] = start
-        print(f"attacked MAE: start model {start['mae']:.2f} (clean {start['clean_mae']:.2f}) -> best.pt, epoch "
-              f"{best['epoch']}: {best['mae']:.2f} (clean {best['clean_mae']:.2f}); last epoch {summary['mae']:.2f} "
-              f"(clean {summary['clean_mae']:.2f})")
+        if best is not None:
+            print(f"attacked MAE: start model {start['attacked_mae']:.2f} (clean {start['clean_mae']:.2f}) -> "
+                  f"best.pt, epoch {best['epoch']}: {best['attacked_mae']:.2f} (clean {best['clean_mae']:.2f}); "
+                  f"last epoch {summary['attacked_mae']:.2f} (clean {summary['clean_mae']:.2f})")
     save_json(out / "metrics.json", summary)
     return summary
 
