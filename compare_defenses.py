@@ -139,8 +139,8 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
                          for s, c in r.get("certificate", {}).get("patch_sizes", {}).items())
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {cert} |")
     ra = results["ra"]
-    note = (f"{args.model}, {ra['test_images']} test images. Attack: per model and patch size the strongest (by its "
-            f"loss) of {args.restarts} APAM patches (pred-scale, tau 10), each {args.attack_epochs} passes over "
+    note = (f"{args.model}, {ra['test_images']} test images. Attack: per model and patch size the strongest (highest "
+            f"MAE) of {args.restarts} APAM patches (pred-scale, tau 10), each {args.attack_epochs} passes over "
             f"{ra['attack_crop']}-px crops of the test images; RA attacked through {args.eot} ablations per crop and "
             f"counted by the median of {args.attack_samples}. Certificate: {args.samples} samples, alpha {args.alpha}.")
     if trained and not (args.data or args.train_data or args.test_data):
