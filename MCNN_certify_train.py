@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from utils import cli
-from utils.ablation import FILL, UNITS, units_per_image
+from utils.ablation import FILL, UNITS, mean_units
 from utils.recipes import AblationRecipe
 from utils.training import fit, setup
 
@@ -43,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     out, device, model, train_set, test_set = setup(args, "certify_train")
-    reference = int(np.mean([units_per_image((3, *hw), args.unit) for hw in test_set.sizes()]))
+    reference = mean_units(test_set.sizes(), args.unit)
     recipe = AblationRecipe(args.keep, args.unit, args.fill, args.warmup_epochs, args.val_samples, reference,
                             generator=torch.Generator(device=device).manual_seed(args.seed))
     per_crop = recipe.keep_for((3, args.crop, args.crop))

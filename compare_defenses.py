@@ -20,7 +20,7 @@ import train
 from datasets.crowd import CrowdDataset
 from models import build
 from utils import cli
-from utils.ablation import ablate, scaled_keep, units_per_image
+from utils.ablation import ablate, mean_units, scaled_keep
 from utils.attack import DEFAULT_SIDE, attack_metrics
 from utils.certify import SmoothedCounter, certify_dataset
 from utils.errors import ToolkitError
@@ -108,7 +108,7 @@ def _evaluate(kind: str, model, test_root: Path, args: argparse.Namespace, devic
     through = counter = None
     if kind == "ra":
         keep, unit = ablation
-        reference = round(sum(units_per_image((3, *hw), unit) for hw in test_set.sizes()) / len(test_set))
+        reference = mean_units(test_set.sizes(), unit)
 
         def through(x: torch.Tensor) -> torch.Tensor:  # the attack's expectation over ablations
             k = scaled_keep(keep, x.shape, reference, unit)

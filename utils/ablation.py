@@ -19,6 +19,11 @@ def units_per_image(shape: tuple[int, ...], unit: str) -> int:
     return c * h * w if unit == "element" else h * w
 
 
+def mean_units(sizes: list[tuple[int, int]], unit: str) -> int:
+    """The mean d of images of (h, w) `sizes`: the whole image that a crop's share of kept units refers to."""
+    return round(sum(units_per_image((3, h, w), unit) for h, w in sizes) / len(sizes))
+
+
 def scaled_keep(keep: int, shape: tuple[int, ...], reference_units: int | None, unit: str = "element") -> int:
     """Units to keep in an input of `shape` (e.g. a crop) so that it keeps the share `keep / reference_units` of a
     whole image: the density of kept units, and so each one's weight in the count, stays the same."""
