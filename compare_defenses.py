@@ -3,7 +3,7 @@ the same APAM attack (DESIGN §6, PAPER.md §4): per model clean MAE / RMSE and 
 (the RA model through its smoothed count, attacked with an expectation over ablations), and for RA the certified
 fraction and tight-MAE / MSE. Writes comparison.md, metrics.json and comparison.png.
 
-    python compare_defenses.py          # synthetic crowds: trains the three MCNNs with short schedules (~20 CPU min)
+    python compare_defenses.py          # synthetic crowds: trains the three MCNNs with short schedules (~13 CPU min)
     python compare_defenses.py --vanilla V.pt --adv A.pt --ra R.pt --data ShanghaiTech/part_A_final \\
         --patch-sizes 20 40 81 163 --attack-epochs 6 --samples 1000
 """
@@ -34,6 +34,7 @@ KINDS = ("vanilla", "adv", "ra")
 # The synthetic default's shorter schedules and smaller test set, printed with the table
 SHORT = {"adv": ["--epochs", "6", "--val-attack-restarts", "1"], "ra": ["--epochs", "8", "--warmup-epochs", "2"]}
 SHORT_TEST_IMAGES = 20
+VICTIM = "the cached victim (train.py defaults, random erasing)"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,8 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{kind}", type=Path, help=f"checkpoint of the {what} model (default: train it)")
     parser.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, DEFAULT_SIDE])
     parser.add_argument("--attack-epochs", type=cli.positive_int, default=6,
-                        help="passes of each probe patch over crops of the test images")
-    parser.add_argument("--restarts", type=cli.positive_int, default=2, help="probe patches per model and size")
+                        help="passes of each probe patch over crops of the train split (the test split without one)")
+    parser.add_argument("--restarts", type=cli.positive_int, default=2,
+                        help="probe patches per model and size; the strongest counts")
     parser.add_argument("--attack-crop", type=cli.positive_int, default=128, help="side of the crops the probe "
                         "patches are optimised on (RA keeps the same share of units in a crop as in an image)")
     parser.add_argument("--keep", type=cli.positive_int, help="RA's k (default: from its checkpoint)")
@@ -96,15 +98,17 @@ def _ablation_of(path: Path, keep: int | None) -> tuple[int, str]:
     return keep, recorded.get("unit", "element")
 
 
-def _evaluate(kind: str, model, test_root: Path, args: argparse.Namespace, device: torch.device,
+def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argparse.Namespace, device: torch.device,
               ablation: tuple[int, str], gen: torch.Generator) -> dict:
-    """Clean and probe-attacked metrics of one model; for RA those of its smoothed count, plus the certificate."""
+    """Clean and probe-attacked metrics of one model; for RA those of its smoothed count, plus the certificate.
+    The probe patches are optimised on crops of `attack_root` (as patch_attack.py, a split other than the test's)."""
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-    crop = min(args.attack_crop, test_set.smallest_side() // model.size_multiple * model.size_multiple)
+    attack_max = args.max_test_images if attack_root == test_root else args.max_train_images
+    attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, max_images=attack_max)
+    crop = min(args.attack_crop, attack_set.smallest_side() // model.size_multiple * model.size_multiple)
     if max(args.patch_sizes) > crop:
         raise ToolkitError(f"patch side {max(args.patch_sizes)} is larger than the attack crops ({crop} px)")
-    attack_set = CrowdDataset.for_model(test_root, model, density=args.density, crop=crop,
-                                        max_images=args.max_test_images)
+    attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, crop=crop, max_images=attack_max)
     through = counter = None
     if kind == "ra":
         keep, unit = ablation
@@ -114,7 +118,8 @@ def _evaluate(kind: str, model, test_root: Path, args: argparse.Namespace, devic
             k = scaled_keep(keep, x.shape, reference, unit)
             return model(ablate(x.repeat_interleave(args.eot, dim=0), k, unit, generator=gen))
         counter = SmoothedCounter(model, keep, args.attack_samples, unit, generator=gen)
-    result = {"attacked": {}, "test_images": len(test_set), "attack_crop": crop}
+    result = {"attacked": {}, "test_images": len(test_set), "attack_crop": crop,
+              "attack_split": "test" if attack_root == test_root else "train"}
     for side in args.patch_sizes:
         metrics, _ = attack_metrics(model, attack_set, test_set, side, make_mask(side), device, args.amp,
                                     epochs=args.attack_epochs, restarts=args.restarts, seed=args.seed,
@@ -141,11 +146,12 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
     ra = results["ra"]
     note = (f"{args.model}, {ra['test_images']} test images. Attack: per model and patch size the strongest (highest "
             f"MAE) of {args.restarts} APAM patches (pred-scale, tau 10), each {args.attack_epochs} passes over "
-            f"{ra['attack_crop']}-px crops of the test images; RA attacked through {args.eot} ablations per crop and "
-            f"counted by the median of {args.attack_samples}. Certificate: {args.samples} samples, alpha {args.alpha}.")
+            f"{ra['attack_crop']}-px crops of the {ra['attack_split']} split; RA attacked through {args.eot} "
+            f"ablations per crop and counted by the median of {args.attack_samples}. Certificate: {args.samples} "
+            f"samples, alpha {args.alpha}.")
     if trained and not (args.data or args.train_data or args.test_data):
         note += " Trained here on the synthetic crowds with short schedules: " + ", ".join(
-            f"{k}: {' '.join(SHORT.get(k, ['cached train.py defaults']))}" for k in trained) + \
+            f"{k}: {' '.join(SHORT.get(k, [VICTIM]))}" for k in trained) + \
             f"; evaluated on the first {args.max_test_images} test images."
     return "\n".join(lines) + "\n\n" + note + "\n"
 
@@ -163,14 +169,14 @@ def main(args: argparse.Namespace) -> dict:
     for kind in trained:
         setattr(args, kind, _train(kind, args, out))
     ablation = _ablation_of(args.ra, args.keep)
-    _, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
+    train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     results = {}
     for kind in KINDS:
         seed_everything(args.seed)  # the same crops and draws for every model
         model = prepare_model(build(args.model, getattr(args, kind)), device).eval()
         results[kind] = {"checkpoint": str(getattr(args, kind)),
-                         **_evaluate(kind, model, test_root, args, device, ablation, gen)}
+                         **_evaluate(kind, model, train_root or test_root, test_root, args, device, ablation, gen)}
     table = _table(results, args, ablation[0], trained)
     atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(table))
     save_json(out / "metrics.json", results)

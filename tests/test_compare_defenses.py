@@ -14,6 +14,8 @@ def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_p
     assert sum(line.startswith("| ") for line in table.splitlines()) == 4  # header and three models
     # the same checkpoint as "vanilla" and "adv", attacked with the same seed and budget: the same numbers
     assert results["vanilla"]["attacked"] == results["adv"]["attacked"]
+    # the probe patches are fitted on the train split and measured on the test split, as patch_attack.py does
+    assert results["ra"]["attack_split"] == "train" and "crops of the train split" in table
     cert = results["ra"]["certificate"]
     assert cert["keep"] == 45 and set(cert["patch_sizes"]) == {"8", "16"}
     assert results["ra"]["clean"] == cert["smoothed"]

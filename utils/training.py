@@ -123,6 +123,9 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     curve_figure(out / "curves.png", {"train loss": [h["loss"] for h in history]}, ylabel="loss")
     curve_figure(out / "test_mae.png", {"test MAE": [h["mae"] for h in history],
                                         "mean-count baseline": [baseline] * len(history)}, ylabel="MAE")
-    print(f"test MAE {last['mae']:.2f} vs mean-count baseline {baseline:.2f} "
-          f"(ratio {summary['mae_over_baseline']:.3f}); run folder {out}")
+    if best_row is None:  # e.g. adversarial training with kappa 1 throughout: no epoch may become best.pt
+        print(f"no epoch was eligible for best.pt (validation MAE undefined); last.pt in {out}")
+    else:
+        print(f"test MAE {last['mae']:.2f} vs mean-count baseline {baseline:.2f} "
+              f"(ratio {summary['mae_over_baseline']:.3f}); run folder {out}")
     return summary
