@@ -25,7 +25,7 @@ from utils.attack import DEFAULT_SIDE, attack_metrics
 from utils.certify import SmoothedCounter, certify_dataset
 from utils.errors import ToolkitError
 from utils.io import atomic_write, load_checkpoint, save_json
-from utils.patch import make_mask
+from utils.patch import PatchTransform, footprint_side, make_mask
 from utils.plots import bar_figure
 from utils.runtime import pick_device, prepare_model, seed_everything
 from utils.victims import synthetic_victim
@@ -126,8 +126,11 @@ def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argpar
                                     attack_through=through, counter=counter)
         result["attacked"][side], result["clean"] = metrics["attacked"], metrics["clean"]
     if kind == "ra":
-        _, cert = certify_dataset(model, test_set, keep, args.samples, args.patch_sizes, args.alpha, unit,
+        # certified for each probe's footprint (rotation, scale and bilinear rim included), at least its side
+        cover = {s: max(s, footprint_side(s, "circle", PatchTransform())) for s in args.patch_sizes}
+        _, cert = certify_dataset(model, test_set, keep, args.samples, sorted(set(cover.values())), args.alpha, unit,
                                   device=device, amp=args.amp, generator=gen)
+        cert["patch_sizes"] = {str(s): {"certified_side": c, **cert["patch_sizes"][str(c)]} for s, c in cover.items()}
         result.update(clean=cert["smoothed"], certificate=cert)
     return result
 
@@ -140,7 +143,8 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
                            strict=True):
         r = results[kind]
         cells = [f"{m['mae']:.2f} / {m['mse']:.2f}" for m in (r["clean"], *r["attacked"].values())]
-        cert = "; ".join(f"{s}px: {c['certified_fraction']:.0%}, {c['tight_mae']:.2f} / {c['tight_mse']:.2f}"
+        cert = "; ".join(f"{s}px (as {c['certified_side']}px): {c['certified_fraction']:.0%}, "
+                         f"{c['tight_mae']:.2f} / {c['tight_mse']:.2f}"
                          for s, c in r.get("certificate", {}).get("patch_sizes", {}).items())
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {cert} |")
     ra = results["ra"]
@@ -148,7 +152,8 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
             f"MAE) of {args.restarts} APAM patches (pred-scale, tau 10), each {args.attack_epochs} passes over "
             f"{ra['attack_crop']}-px crops of the {ra['attack_split']} split; RA attacked through {args.eot} "
             f"ablations per crop and counted by the median of {args.attack_samples}. Certificate: {args.samples} "
-            f"samples, alpha {args.alpha}.")
+            f"samples, alpha {args.alpha}, for a square patch of the side shown in brackets: the probe's side, or more "
+            "where its rotation, scale and bilinear rim can change more pixels than that side squared.")
     if trained and not (args.data or args.train_data or args.test_data):
         note += " Trained here on the synthetic crowds with short schedules: " + ", ".join(
             f"{k}: {' '.join(SHORT.get(k, [VICTIM]))}" for k in trained) + \

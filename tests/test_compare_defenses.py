@@ -1,6 +1,7 @@
 """compare_defenses.py on given checkpoints: the table, the RA certificate, and mixed architectures."""
 
 import compare_defenses
+from utils.patch import PatchTransform, footprint_side
 
 
 def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_path, capsys):
@@ -18,6 +19,11 @@ def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_p
     assert results["ra"]["attack_split"] == "train" and "crops of the train split" in table
     cert = results["ra"]["certificate"]
     assert cert["keep"] == 45 and set(cert["patch_sizes"]) == {"8", "16"}
+    # each probe side is certified for the pixels its transformed, bilinearly sampled patch can change
+    for side, c in cert["patch_sizes"].items():
+        assert c["certified_side"] == max(int(side), footprint_side(int(side), "circle", PatchTransform()))
+        assert f"{side}px (as {c['certified_side']}px)" in table
+    assert cert["patch_sizes"]["8"]["certified_side"] > 8
     assert results["ra"]["clean"] == cert["smoothed"]
 
 

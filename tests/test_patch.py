@@ -7,6 +7,7 @@ from utils.errors import ToolkitError
 from utils.patch import (
     PatchTransform,
     apply_patch,
+    footprint_side,
     load_patch,
     make_mask,
     patch_side,
@@ -48,6 +49,27 @@ def test_random_transforms_stay_near_the_nominal_area_and_vary_per_image():
     assert len({tuple(c) for c in centers.tolist()}) == 16
     assert ((centers >= 10) & (centers <= 86)).all()
     assert out.max() <= 1.0 and out.min() >= 0.0
+
+
+@pytest.mark.parametrize("shape", ["circle", "square"])
+@pytest.mark.parametrize("size", [7, 20, 44])
+def test_footprint_side_bounds_the_pixels_any_draw_changes(shape, size):
+    g = torch.Generator().manual_seed(size)
+    mask = make_mask(size, shape)
+    for t in (PatchTransform(), PatchTransform(rotation=5.0, scale_min=1.025, scale_max=1.025)):
+        side = footprint_side(size, shape, t)
+        centers = sample_centers(256, 128, 128, side, "random", g)  # sub-pixel positions
+        _, covered = apply_patch(torch.zeros(256, 3, 128, 128), torch.ones(3, size, size), mask, centers, t, g)
+        touched = (covered > 0).flatten(1).sum(1).max().item()
+        assert touched <= side**2 < 1.6 * touched  # sound, and not vacuous
+
+
+def test_footprint_of_an_untransformed_square_is_one_pixel_more_per_axis():
+    # off the pixel grid, bilinear sampling reaches one extra row and column
+    assert footprint_side(20, "square", PatchTransform.none()) == 21
+    _, covered = apply_patch(torch.zeros(1, 3, 40, 40), torch.ones(3, 20, 20), make_mask(20, "square"),
+                             torch.tensor([[20.3, 20.6]]))
+    assert (covered > 0).sum().item() == 21 * 21
 
 
 def test_brightness_shifts_the_patch_and_clips():

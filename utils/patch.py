@@ -5,6 +5,7 @@ Composite: x' = (1 - M) * x + M * P, differentiable with respect to the patch on
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,6 +106,25 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, c
     canvas = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     covered = canvas[:, 3:]
     return images * (1 - covered) + canvas[:, :3], covered
+
+
+def footprint_side(size: int, shape: str, transform: PatchTransform) -> int:
+    """Side of the smallest square with at least as many pixels as one `apply_patch` can change, at any placement
+    and any draw of `transform`: a certificate for a patch of this side covers the engine's patch of `size`.
+
+    A pixel changes only where bilinear sampling reaches a mask pixel centre, i.e. within 1 (per axis, in patch
+    pixels) of one. Mask centres lie in the square of half-side s/2 - 1/2 (and, for a circle, within s/2 of the
+    centre), so a changed pixel centre lies within scale · (s + 1)/2 · (cos θ + sin θ) of the patch centre per
+    axis, and for a circle within scale · (s/2 + √2) in distance; the disc holds at most π(r + √2/2)² pixel
+    centres, since their unit squares are disjoint and inside the disc of radius r + √2/2.
+    """
+    scale, theta = transform.scale_max, math.radians(min(abs(transform.rotation), 45.0))
+    per_axis = math.ceil(scale * (size + 1) * (math.cos(theta) + math.sin(theta)))
+    bound = per_axis**2
+    if shape == "circle":
+        r = scale * (size / 2 + math.sqrt(2))
+        bound = min(bound, math.ceil(2 * r) ** 2, math.floor(math.pi * (r + math.sqrt(0.5)) ** 2))
+    return math.isqrt(bound - 1) + 1
 
 
 def save_patch(out: Path, patch: torch.Tensor, mask: torch.Tensor, shape: str, transform: PatchTransform,
