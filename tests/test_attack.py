@@ -63,6 +63,22 @@ def test_gradient_reaches_the_patch_only_and_patch_stays_in_range():
     assert attack.patch.min() >= 0 and attack.patch.max() <= 1 and not attack.patch.requires_grad
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_step_never_waits_for_the_device():
+    device = torch.device("cuda")
+    model = build("mcnn").to(device).eval().requires_grad_(False)
+    attack = APAM(model, random_patch(16).to(device), make_mask(16), APAMConfig(), torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, 64, 64, device=device)
+    target = attack.batch_target(images, None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside the step raises
+    try:
+        loss = attack.step(images, target)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_can_be_attacked(name):
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

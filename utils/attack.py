@@ -112,14 +112,15 @@ class APAM:
             loss = loss + self.config.tv_weight * total_variation(patch)
         return loss
 
-    def step(self, images: torch.Tensor, target: torch.Tensor | None) -> float:
-        """Transforms, forward, backward and update on one batch; returns the loss before the update."""
+    def step(self, images: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """Transforms, forward, backward and update on one batch; returns the loss before the update (a 0-dim
+        tensor on the device: reading it would wait for the device, so `fit` reads the sum once per epoch)."""
         patch = self.patch.requires_grad_(True)
         loss = self.loss(images, target, patch)
         (grad,) = torch.autograd.grad(loss, patch)
         self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr,
                                                   self.config.momentum, self.config.momentum_form)
-        return float(loss.detach())
+        return loss.detach()
 
     def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, desc: str = "APAM") -> list[float]:
         """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch."""
@@ -130,9 +131,9 @@ class APAM:
                                    dynamic_ncols=True):
                 target = self.batch_target(images, gt)
                 for _ in range(steps):
-                    total += self.step(images, target)
+                    total = total + self.step(images, target).float()
                     count += 1
-            losses.append(total / max(count, 1))
+            losses.append(float(total) / max(count, 1))
         return losses
 
 
@@ -146,7 +147,7 @@ def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
 
     def batches():
         for _, (images, targets, _) in equal_size_batches(dataset, batch_size, True, gen):
-            yield images.to(device), targets.to(device)
+            yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
     losses = attack.fit(batches, epochs, steps, desc)
     return attack.patch, losses

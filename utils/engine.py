@@ -42,9 +42,9 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         else:
             loss.backward()
             optimizer.step()
-        total += float(loss.detach()) * len(images)
+        total = total + loss.detach().float() * len(images)  # summed on the device, read once per epoch
         seen += len(images)
-    return total / max(seen, 1)
+    return float(total) / max(seen, 1)
 
 
 @torch.no_grad()

@@ -96,11 +96,12 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, c
     theta = torch.stack([
         torch.stack([cos * w / 2 * k, sin * h / 2 * k, (cos * ox + sin * oy) * k], dim=1),
         torch.stack([-sin * w / 2 * k, cos * h / 2 * k, (-sin * ox + cos * oy) * k], dim=1),
-    ], dim=1).to(images.device, images.dtype)
+    ], dim=1).to(images.device, images.dtype, non_blocking=True)  # host to device: no wait for the device
 
     # Premultiplied alpha: sample [clamp(P + b) · M, M] together, so edges blend without darkening.
     mask = mask.to(images.device, images.dtype)
-    shifted = (patch.to(images.dtype).unsqueeze(0) + bright.to(images).view(n, 1, 1, 1)).clamp(0, 1)
+    bright = bright.to(images.device, images.dtype, non_blocking=True).view(n, 1, 1, 1)
+    shifted = (patch.to(images.dtype).unsqueeze(0) + bright).clamp(0, 1)
     source = torch.cat([shifted * mask, mask.expand(n, 1, size, size)], dim=1)
     grid = F.affine_grid(theta, [n, 4, h, w], align_corners=False)
     canvas = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
