@@ -35,6 +35,7 @@ KINDS = ("vanilla", "adv", "ra")
 SHORT = {"adv": ["--epochs", "6", "--val-attack-restarts", "1"], "ra": ["--epochs", "8", "--warmup-epochs", "2"]}
 SHORT_TEST_IMAGES = 20
 VICTIM = "the cached victim (train.py defaults, random erasing)"
+PROBE_SHAPE = "circle"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,13 +122,13 @@ def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argpar
     result = {"attacked": {}, "test_images": len(test_set), "attack_crop": crop,
               "attack_split": "test" if attack_root == test_root else "train"}
     for side in args.patch_sizes:
-        metrics, _ = attack_metrics(model, attack_set, test_set, side, make_mask(side), device, args.amp,
+        metrics, _ = attack_metrics(model, attack_set, test_set, side, make_mask(side, PROBE_SHAPE), device, args.amp,
                                     epochs=args.attack_epochs, restarts=args.restarts, seed=args.seed,
                                     attack_through=through, counter=counter)
         result["attacked"][side], result["clean"] = metrics["attacked"], metrics["clean"]
     if kind == "ra":
         # certified for each probe's footprint (rotation, scale and bilinear rim included), at least its side
-        cover = {s: max(s, footprint_side(s, "circle", PatchTransform())) for s in args.patch_sizes}
+        cover = {s: max(s, footprint_side(s, PROBE_SHAPE, PatchTransform())) for s in args.patch_sizes}
         _, cert = certify_dataset(model, test_set, keep, args.samples, sorted(set(cover.values())), args.alpha, unit,
                                   device=device, amp=args.amp, generator=gen)
         cert["patch_sizes"] = {str(s): {"certified_side": c, **cert["patch_sizes"][str(c)]} for s, c in cover.items()}

@@ -21,7 +21,8 @@ def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_p
     assert cert["keep"] == 45 and set(cert["patch_sizes"]) == {"8", "16"}
     # each probe side is certified for the pixels its transformed, bilinearly sampled patch can change
     for side, c in cert["patch_sizes"].items():
-        assert c["certified_side"] == max(int(side), footprint_side(int(side), "circle", PatchTransform()))
+        footprint = footprint_side(int(side), compare_defenses.PROBE_SHAPE, PatchTransform())
+        assert c["certified_side"] == max(int(side), footprint)
         assert f"{side}px (as {c['certified_side']}px)" in table
     assert cert["patch_sizes"]["8"]["certified_side"] > 8
     assert results["ra"]["clean"] == cert["smoothed"]
