@@ -56,7 +56,9 @@ def test_random_transforms_stay_near_the_nominal_area_and_vary_per_image():
 def test_footprint_side_bounds_the_pixels_any_draw_changes(shape, size):
     g = torch.Generator().manual_seed(size)
     mask = make_mask(size, shape)
-    for t in (PatchTransform(), PatchTransform(rotation=5.0, scale_min=1.025, scale_max=1.025)):
+    # the largest scale of the default draw, and a range given high to low
+    for t in (PatchTransform(), PatchTransform(scale_min=1.025, scale_max=1.025),
+              PatchTransform(scale_min=1.05, scale_max=1.0)):
         side = footprint_side(size, shape, t)
         centers = sample_centers(256, 128, 128, side, "random", g)  # sub-pixel positions
         _, covered = apply_patch(torch.zeros(256, 3, 128, 128), torch.ones(3, size, size), mask, centers, t, g)

@@ -119,7 +119,8 @@ def footprint_side(size: int, shape: str, transform: PatchTransform) -> int:
     axis, and for a circle within scale · (s/2 + √2) in distance; the disc holds at most π(r + √2/2)² pixel
     centres, since their unit squares are disjoint and inside the disc of radius r + √2/2.
     """
-    scale, theta = transform.scale_max, math.radians(min(abs(transform.rotation), 45.0))
+    scale = max(transform.scale_min, transform.scale_max)
+    theta = math.radians(min(abs(transform.rotation), 45.0))
     per_axis = math.ceil(scale * (size + 1) * (math.cos(theta) + math.sin(theta)))
     bound = per_axis**2
     if shape == "circle":
