@@ -29,7 +29,7 @@ DEFAULTS = {"epochs": 6, "batch_size": 4, "crop": 128, "lr": 1e-4}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser)
     cli.add_data_args(parser)
     cli.add_training_args(parser, DEFAULTS)

@@ -24,7 +24,7 @@ DEFAULTS = {"epochs": 12, "batch_size": 4, "crop": 128, "lr": 1e-3, "warmup_epoc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser)
     cli.add_data_args(parser)
     cli.add_training_args(parser, DEFAULTS)

@@ -27,7 +27,7 @@ from utils.runtime import pick_device, prepare_model, seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser)
     parser.add_argument("--data", type=Path, help="a split folder (default: the synthetic test split)")
     parser.add_argument("--keep", type=cli.positive_int, default=45, help="units kept per ablation (k)")

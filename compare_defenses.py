@@ -39,7 +39,7 @@ PROBE_SHAPE = "circle"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="mcnn", help="the architecture of all three")
     cli.add_data_args(parser)
     for kind, what in zip(KINDS, ("undefended", "adversarially trained", "ablation-trained"), strict=True):

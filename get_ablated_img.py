@@ -20,7 +20,7 @@ from utils.plots import image_panels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("image", type=Path)
     parser.add_argument("--keep", type=cli.positive_int, default=5000, help="units kept (k)")
     parser.add_argument("--unit", default="element", choices=UNITS, help="a value of one channel, or a pixel")

@@ -20,7 +20,7 @@ from utils.io import atomic_write
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     den = sub.add_parser("densities", help="write <split>/ground_truth/IMG_<i>.h5 (dataset 'density')")
     den.add_argument("root", type=Path, help="a split folder, or a folder holding splits (e.g. part_A_final)")

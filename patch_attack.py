@@ -35,7 +35,7 @@ from utils.victims import synthetic_victim
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser)
     cli.add_data_args(parser)
     group = parser.add_argument_group("patch")

@@ -13,7 +13,7 @@ from utils.training import DEFAULTS, fit, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser)
     cli.add_data_args(parser)
     cli.add_training_args(parser, DEFAULTS)

@@ -16,7 +16,12 @@ _BUILDERS = {"mcnn": build_mcnn, "csrnet": build_csrnet, "can": build_can, "cmtl
              "danet": build_danet}
 _ALIASES = {"da-net": "danet", "da_net": "danet"}
 
-__all__ = ["MODEL_NAMES", "CrowdCounter", "build", "checkpoint_state", "load_weights"]
+__all__ = ["MODEL_NAMES", "CrowdCounter", "build", "canonical_name", "checkpoint_state", "load_weights"]
+
+
+def canonical_name(name: str) -> str:
+    """The registry key of a model name: case-insensitive, with aliases (`DA-Net` -> `danet`)."""
+    return _ALIASES.get(name.lower(), name.lower())
 
 
 def build(name: str, weights: str | Path | None = None, **kwargs) -> CrowdCounter:
@@ -24,7 +29,7 @@ def build(name: str, weights: str | Path | None = None, **kwargs) -> CrowdCounte
 
     kwargs: csrnet `upsample`, `vgg_weights`; can and danet `vgg_weights`; cmtl `level_width`.
     """
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = canonical_name(name)
     if key not in _BUILDERS:
         raise ToolkitError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     options = inspect.signature(_BUILDERS[key]).parameters

@@ -11,9 +11,28 @@ from datasets.crowd import DENSITY_SOURCES
 from utils.errors import ToolkitError
 from utils.io import save_json
 
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each valued flag's default (unless it is None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0 \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (`prog: error: ...`) and exit status 2, like every other error."""
+    """argparse, but a usage error is one line (`prog: error: ...`) and exit status 2, like every other error;
+    defaults shown in --help; no prefix abbreviations (a resumed run must know exactly which flags were given)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -34,10 +53,10 @@ def positive_float(text: str) -> float:
 
 
 def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn") -> None:
-    from models import MODEL_NAMES
+    from models import MODEL_NAMES, canonical_name
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default, help=f"one of {', '.join(MODEL_NAMES)} (default {default})")
+    group.add_argument("--model", default=default, type=canonical_name, choices=MODEL_NAMES, help="architecture")
     group.add_argument("--weights", type=Path, help="original weight file (.h5/.pth/.pth.tar) or a checkpoint of ours")
 
 
@@ -66,7 +85,10 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--out", type=Path, help="run folder (default runs/<script>/<timestamp>)")
+    group.add_argument("--out", type=Path, help="run folder (default: a new runs/<script>/<timestamp>); an existing "
+                       "run there is never overwritten without --overwrite")
+    group.add_argument("--overwrite", action="store_true", help="start the run in --out again, deleting its files")
+    group.add_argument("--figure-format", default="png", choices=FIGURE_FORMATS, help="file format of the figures")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
