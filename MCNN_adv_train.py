@@ -1,4 +1,4 @@
-"""Adversarial training against a universal patch, any of the five models (PAPER.md §4): each step runs
+"""Adversarial training against a universal patch (the paper's ADT baseline), any of the five models: each step runs
 `--attack-steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·MSE(patched) + κ·MSE(clean),
 κ on the paper's schedule (or a constant). Each epoch validates clean MAE / RMSE and MAE / RMSE under a fresh APAM
 patch of the same size with a fixed budget (`utils.attack.attack_metrics`); best.pt is the most robust epoch
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from datasets.crowd import CrowdDataset
-from utils import cli
+from utils import cli, runs
 from utils.attack import DEFAULT_SIDE, TARGETS, APAMConfig
 from utils.errors import ToolkitError
 from utils.io import save_json
@@ -30,20 +30,24 @@ DEFAULTS = {"epochs": 6, "batch_size": 4, "crop": 128, "lr": 1e-4}
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    cli.add_model_args(parser)
+    cli.add_model_args(parser, omitted="with no data given, the cached --model victim trained on the synthetic "
+                       "crowds (fine-tuned); with your own data, a random initialisation")
     cli.add_data_args(parser)
     cli.add_training_args(parser, DEFAULTS)
     group = parser.add_argument_group("adversarial training")
-    group.add_argument("--kappa", default="paper", help="weight of the clean loss: 'paper' (1 → 0.5) or a constant")
+    group.add_argument("--kappa", default="paper",
+                       help="weight κ of the clean loss: a constant in [0, 1], or 'paper': 1 for the first 1/16 of "
+                            "the epochs, then linearly down to 0.5 at half of them, then 0.5")
     group.add_argument("--attack-steps", type=int, default=5, help="APAM updates of the patch per training step")
     group.add_argument("--target", default="pred-scale", choices=TARGETS,
-                       help="the attack's objective (default: patch_attack.py's); the paper's: gt-scale with --tau -1")
-    group.add_argument("--tau", type=float, default=10.0)
+                       help="the attack's objective, as in patch_attack.py; the paper's: gt-scale with --tau -1")
+    group.add_argument("--tau", type=float, default=10.0, help="target scale τ for pred-scale and gt-scale")
     group.add_argument("--attack-lr", type=cli.positive_float, default=0.001,
-                       help="APAM step η in pixel units (at 0.01 the co-evolving patch grows so strong that the model "
-                            "learns to undercount everything)")
-    group.add_argument("--patch-size", type=cli.positive_int, default=DEFAULT_SIDE, help="patch side in pixels")
-    group.add_argument("--patch-shape", default="circle", choices=SHAPES)
+                       help="APAM step η, in [0, 1] pixel units (at 0.01 the co-evolving patch grows so strong that "
+                            "the model learns to undercount everything)")
+    group.add_argument("--patch-size", type=cli.positive_int, default=DEFAULT_SIDE,
+                       help="side of the training and validation patches, in pixels")
+    group.add_argument("--patch-shape", default="circle", choices=SHAPES, help="mask of the patch")
     group.add_argument("--val-attack-epochs", type=cli.positive_int, default=6,
                        help="passes of each fresh validation patch over crops of the test images")
     group.add_argument("--val-attack-restarts", type=cli.positive_int, default=2,
@@ -76,7 +80,8 @@ def main(args: argparse.Namespace) -> dict:
               f"{args.patch_size}px patch")
     summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
-                  resume=args.resume, record=vars(args), recipe=recipe)
+                  resume=args.resume, record=runs.settings(args), seed=args.seed, recipe=recipe,
+                  figure_format=args.figure_format)
     best = summary["best"]
     if start is not None:
         summary["start"] = start
@@ -85,6 +90,7 @@ def main(args: argparse.Namespace) -> dict:
                   f"best.pt, epoch {best['epoch']}: {best['attacked_mae']:.2f} (clean {best['clean_mae']:.2f}); "
                   f"last epoch {summary['attacked_mae']:.2f} (clean {summary['clean_mae']:.2f})")
     save_json(out / "metrics.json", summary)
+    print(f"-> {out}")
     return summary
 
 

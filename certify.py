@@ -1,11 +1,13 @@
-"""Certified count bounds of an ablation-trained model against any patch of the given sizes (DESIGN §6).
+"""Certified count bounds of an ablation-trained model against any patch of the given sizes, placed anywhere.
 
-The smoothed count is the median of the model's count over N random ablations of the image. For a patch of side s
-(ρ units), Δ = 1 − C(d−ρ, k)/C(d, k) bounds how far the patch can move the ablated-count distribution, so the
-attacked median lies in [L, U] (order statistics of the N clean samples) with confidence 1 − α. Tight-MAE / MSE
-(ours): per image the worst error inside the certificate, max(|L − c|, |U − c|), averaged over certified images.
+The smoothed count is the median of the model's count over N random ablations of the image (each keeps k of its
+d units). For a patch of side s covering ρ units (3s² elements or s² pixels), Δ = 1 − C(d−ρ, k)/C(d, k) bounds how
+far the patch can move the ablated-count distribution, so the attacked median lies in [L, U] (order statistics of
+the N clean samples) with confidence 1 − α. Tight-MAE / MSE (our definition): per image with true count c the worst
+error inside the certificate, max(|L − c|, |U − c|); its mean / root mean square over the certified images.
 
-    python certify.py --model mcnn --weights runs/certify_train/<run>/last.pt --data .../test_data --keep 45
+    python certify.py --model mcnn --weights runs/certify_train/<run>/best.pt \\
+        --data ShanghaiTech/part_A_final/test_data --keep 45
     python certify.py --bound-table --d 2150400 --keep 45 --patch-sizes 20 40 81 163
 """
 from __future__ import annotations
@@ -28,18 +30,35 @@ from utils.runtime import pick_device, prepare_model, seed_everything
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    cli.add_model_args(parser)
-    parser.add_argument("--data", type=Path, help="a split folder (default: the synthetic test split)")
-    parser.add_argument("--keep", type=cli.positive_int, default=45, help="units kept per ablation (k)")
-    parser.add_argument("--unit", default="element", choices=UNITS)
-    parser.add_argument("--fill", type=float, default=FILL)
-    parser.add_argument("--samples", type=int, default=1000, help="ablations per image (N)")
-    parser.add_argument("--alpha", type=float, default=0.05, help="1 − confidence")
-    parser.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, 40, 81, 163])
-    parser.add_argument("--max-images", type=cli.positive_int)
-    parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="ablations per forward pass")
-    parser.add_argument("--bound-table", action="store_true", help="print the paper's bound possibilities and exit")
-    parser.add_argument("--d", type=cli.positive_int, help="number of units d for --bound-table")
+    cli.add_model_args(parser, omitted="required (except with --bound-table)")
+    group = parser.add_argument_group("data (ShanghaiTech layout)")
+    group.add_argument("--data", type=Path,
+                       help="ONE split folder holding images/ and ground_truth/, e.g. "
+                            "ShanghaiTech/part_A_final/test_data (not the dataset root); omitted: the test_data/ "
+                            f"split of {cli.SYNTHETIC}")
+    group.add_argument("--max-images", type=cli.positive_int, help="certify only the first N images")
+    group = parser.add_argument_group("certificate")
+    group.add_argument("--keep", type=cli.positive_int, default=45,
+                       help="units kept per ablation (k), as the model was trained with")
+    group.add_argument("--unit", default="element", choices=UNITS,
+                       help="ablation unit: element (one of the 3·H·W values) or pixel (one pixel, its 3 channels "
+                            "together), as the model was trained with")
+    group.add_argument("--fill", type=cli.unit_interval, default=FILL,
+                       help="value of the ablated units, in [0, 1] pixel units")
+    group.add_argument("--samples", type=int, default=1000, help="ablations per image (N)")
+    group.add_argument("--alpha", type=float, default=0.05, help="1 − confidence of the ablation certificate")
+    group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, 40, 81, 163],
+                       help="sides s of the square patches to certify against, in pixels")
+    group.add_argument("--batch-size", type=cli.positive_int, default=64,
+                       help="ablations per forward pass (lower it if memory runs out)")
+    group = parser.add_argument_group("bound table (no model or data needed)")
+    group.add_argument("--bound-table", action="store_true",
+                       help="print, per patch size, C(d−ρ, k)/C(d, k) (an ablation misses the patch) and "
+                            "C(ρ, k)/C(d, k) (all its kept units lie in the patch) for --d, --keep and --unit, "
+                            "then exit")
+    group.add_argument("--d", type=cli.positive_int,
+                       help="units d of an image for --bound-table: 3·H·W elements or H·W pixels "
+                            "(e.g. 2150400 for 1024×700 in elements)")
     cli.add_run_args(parser)
     return parser
 
@@ -53,8 +72,8 @@ def print_bound_table(d: int, keep: int, sides: list[int], unit: str) -> list[di
     return rows
 
 
-def _warn_if_not_ablation_trained(weights: Path | None) -> None:
-    if weights is None or Path(weights).suffix.lower() in (".h5", ".hdf5"):
+def _warn_if_not_ablation_trained(weights: Path) -> None:
+    if Path(weights).suffix.lower() in (".h5", ".hdf5"):
         print("warning: these weights were not trained with ablation; the certificate holds but will be loose")
         return
     state = load_checkpoint(weights)
@@ -73,8 +92,11 @@ def main(args: argparse.Namespace) -> dict:
             raise ToolkitError("--bound-table needs --d, the number of units")
         return {"bound_table": print_bound_table(args.d, args.keep, args.patch_sizes, args.unit)}
 
-    _warn_if_not_ablation_trained(args.weights)
+    if args.weights is None:
+        raise ToolkitError("--weights is required: the model to certify (e.g. runs/certify_train/<run>/best.pt)")
+    device = pick_device(args.device)
     model = build(args.model, args.weights)
+    _warn_if_not_ablation_trained(args.weights)
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, max_images=args.max_images)
     smallest = dataset.smallest_side()
@@ -83,9 +105,8 @@ def main(args: argparse.Namespace) -> dict:
         raise ToolkitError(f"keep must lie in 1..{fewest} (the number of units of the smallest image), got {args.keep}")
     if max(args.patch_sizes) > smallest:
         raise ToolkitError(f"patch side {max(args.patch_sizes)} is larger than the smallest image side ({smallest})")
-    out = cli.run_dir(args, "certify")
-    device = pick_device(args.device)
     seed_everything(args.seed)
+    out = cli.run_dir(args, "certify", device, data=split)
     model = prepare_model(model, device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -93,7 +114,7 @@ def main(args: argparse.Namespace) -> dict:
                                     args.fill, args.batch_size, device, args.amp, generator)
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
-    interval_figure(out / "intervals.png", rows, args.patch_sizes)
+    interval_figure(out / f"intervals.{args.figure_format}", rows, args.patch_sizes)
     print(f"smoothed counts: MAE {metrics['smoothed']['mae']:.2f}  RMSE {metrics['smoothed']['mse']:.2f}")
     for s, m in metrics["patch_sizes"].items():
         print(f"  patch {s:>4}px: certified {m['certified_fraction']:.0%}  tight-MAE {m['tight_mae']:.2f}  "

@@ -1,7 +1,7 @@
 """Undefended vs adversarially trained vs ablation-trained (RA) models of one architecture on one dataset, under
-the same APAM attack (DESIGN §6, PAPER.md §4): per model clean MAE / RMSE and attacked MAE / RMSE per patch size
-(the RA model through its smoothed count, attacked with an expectation over ablations), and for RA the certified
-fraction and tight-MAE / MSE. Writes comparison.md, metrics.json and comparison.png.
+the same APAM attack: per model clean MAE / RMSE and attacked MAE / RMSE per patch size (the RA model through its
+smoothed count, attacked with an expectation over ablations), and for RA the certified fraction and tight-MAE / MSE.
+Writes comparison.md, metrics.json and a comparison figure.
 
     python compare_defenses.py          # synthetic crowds: trains the three MCNNs with short schedules (~13 CPU min)
     python compare_defenses.py --vanilla V.pt --adv A.pt --ra R.pt --data ShanghaiTech/part_A_final \\
@@ -18,7 +18,7 @@ import MCNN_adv_train
 import MCNN_certify_train
 import train
 from datasets.crowd import CrowdDataset
-from models import build
+from models import MODEL_NAMES, build, canonical_name
 from utils import cli
 from utils.ablation import ablate, mean_units, scaled_keep
 from utils.attack import DEFAULT_SIDE, attack_metrics
@@ -40,23 +40,36 @@ PROBE_SHAPE = "circle"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="mcnn", help="the architecture of all three")
+    models = parser.add_argument_group("models (checkpoints of these scripts, or original weight files)")
+    models.add_argument("--model", default="mcnn", type=canonical_name, choices=MODEL_NAMES,
+                        help="network architecture of all three models (case-insensitive)")
     cli.add_data_args(parser)
-    for kind, what in zip(KINDS, ("undefended", "adversarially trained", "ablation-trained"), strict=True):
-        parser.add_argument(f"--{kind}", type=Path, help=f"checkpoint of the {what} model (default: train it)")
-    parser.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, DEFAULT_SIDE])
-    parser.add_argument("--attack-epochs", type=cli.positive_int, default=6,
-                        help="passes of each probe patch over crops of the train split (the test split without one)")
-    parser.add_argument("--restarts", type=cli.positive_int, default=2,
-                        help="probe patches per model and size; the strongest counts")
-    parser.add_argument("--attack-crop", type=cli.positive_int, default=128, help="side of the crops the probe "
-                        "patches are optimised on (RA keeps the same share of units in a crop as in an image)")
-    parser.add_argument("--keep", type=cli.positive_int, help="RA's k (default: from its checkpoint)")
-    parser.add_argument("--samples", type=cli.positive_int, default=100, help="ablations per image to certify")
-    parser.add_argument("--attack-samples", type=cli.positive_int, default=8,
-                        help="ablations per image for RA's smoothed count under attack")
-    parser.add_argument("--eot", type=cli.positive_int, default=2, help="ablations per crop in each attack step on RA")
-    parser.add_argument("--alpha", type=float, default=0.05)
+    omitted = ("trained here with train.py (with no data given: the cached victim)",
+               "trained here with MCNN_adv_train.py, starting from --vanilla",
+               "trained here with MCNN_certify_train.py")
+    for kind, what, how in zip(KINDS, ("undefended", "adversarially trained", "ablation-trained (RA)"), omitted,
+                               strict=True):
+        models.add_argument(f"--{kind}", type=Path, help=f"weights of the {what} model; omitted: {how}")
+    group = parser.add_argument_group("attack (probe patches, circles, optimised per model)")
+    group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, DEFAULT_SIDE],
+                       help="sides of the probe patches, in pixels")
+    group.add_argument("--attack-epochs", type=cli.positive_int, default=6,
+                       help="passes of each probe patch over crops of the train split (of the test split when "
+                            "there is no train split)")
+    group.add_argument("--restarts", type=cli.positive_int, default=2,
+                       help="probe patches per model and size; the strongest counts")
+    group.add_argument("--attack-crop", type=cli.positive_int, default=128,
+                       help="side of the crops the probe patches are optimised on, in pixels (RA keeps the same "
+                            "share of units in a crop as in an image)")
+    group.add_argument("--attack-samples", type=cli.positive_int, default=8,
+                       help="ablations per image for RA's smoothed (median) count under attack")
+    group.add_argument("--eot", type=cli.positive_int, default=2,
+                       help="ablations per crop in each attack step on RA (expectation over ablations)")
+    group = parser.add_argument_group("certificate (RA model)")
+    group.add_argument("--keep", type=cli.positive_int,
+                       help="units kept per ablation (k); omitted: read from the --ra checkpoint's training arguments")
+    group.add_argument("--samples", type=cli.positive_int, default=100, help="ablations per image (N)")
+    group.add_argument("--alpha", type=float, default=0.05, help="1 − confidence of the ablation certificate")
     cli.add_run_args(parser)
     return parser
 
@@ -166,8 +179,8 @@ def main(args: argparse.Namespace) -> dict:
     if not 0 < args.alpha < 1:
         raise ToolkitError(f"--alpha must lie in (0, 1), got {args.alpha}")
     _check_architectures(args)
-    out = cli.run_dir(args, "compare_defenses")
     device = pick_device(args.device)
+    out = cli.run_dir(args, "compare_defenses", device)
     trained = [kind for kind in KINDS if getattr(args, kind) is None]
     synthetic = not (args.data or args.train_data or args.test_data)
     if synthetic and args.max_test_images is None:
@@ -186,9 +199,10 @@ def main(args: argparse.Namespace) -> dict:
     table = _table(results, args, ablation[0], trained)
     atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(table))
     save_json(out / "metrics.json", results)
-    bar_figure(out / "comparison.png", {kind: {"clean": results[kind]["clean"]["mae"],
-                                              **{f"{s}px": results[kind]["attacked"][s]["mae"]
-                                                 for s in args.patch_sizes}} for kind in KINDS}, ylabel="MAE")
+    bar_figure(out / f"comparison.{args.figure_format}", {kind: {"clean": results[kind]["clean"]["mae"],
+                                                                **{f"{s}px": results[kind]["attacked"][s]["mae"]
+                                                                   for s in args.patch_sizes}} for kind in KINDS},
+               ylabel="MAE (people)", xlabel="model", title="MAE clean and under patch attacks (lower is better)")
     print(table + f"-> {out}")
     return results
 

@@ -1,6 +1,6 @@
 """Evaluate a counting model on a split: MAE, RMSE ("mse"), GAME(0..3), a per-image CSV and density figures.
 
-    python evaluate.py --model mcnn --weights ../shared/weights/mcnn_shtechA_660.h5 \\
+    python evaluate.py --model mcnn --weights path/to/mcnn_shtechA_660.h5 \\
         --data ShanghaiTech/part_A_final/test_data --out runs/eval/mcnn_A
 """
 from __future__ import annotations
@@ -12,32 +12,44 @@ from datasets.crowd import DENSITY_SOURCES, CrowdDataset
 from models import build
 from utils import cli
 from utils.engine import evaluate
+from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.plots import density_figure
 from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.victims import synthetic_victim
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    cli.add_model_args(parser)
-    parser.add_argument("--data", type=Path, help="a split folder (images/, ground_truth/); default: synthetic test")
-    parser.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
-                        help="density used for the GAME targets (counts always come from the points)")
-    parser.add_argument("--max-images", type=cli.positive_int, help="evaluate only the first N images")
-    parser.add_argument("--figures", type=int, default=4, help="density figures for the first N images")
+    cli.add_model_args(parser, omitted="the model trained once on the synthetic crowds (cached); required with --data")
+    group = parser.add_argument_group("data (ShanghaiTech layout)")
+    group.add_argument("--data", type=Path,
+                       help="ONE split folder holding images/ and ground_truth/, e.g. "
+                            "ShanghaiTech/part_A_final/test_data (not the dataset root); omitted: the test_data/ "
+                            f"split of {cli.SYNTHETIC}")
+    group.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
+                       help="density maps used for the GAME targets: adaptive or fixed kernel from the head points, "
+                            "or the ground_truth/IMG_<i>.h5 files (counts always come from the points)")
+    group.add_argument("--max-images", type=cli.positive_int, help="evaluate only the first N images")
+    group = parser.add_argument_group("output")
+    group.add_argument("--figures", type=int, default=4,
+                       help="write density figures (ground truth beside prediction) for the first N images")
     cli.add_run_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
     if args.weights is None:
-        print("warning: no --weights given, evaluating a randomly initialised model")
+        if args.data is not None:
+            raise ToolkitError("--weights is required with --data (an untrained model counts nothing); without "
+                               "--data the model trained on the synthetic crowds is evaluated")
+        args.weights = synthetic_victim(args.model, device)
     model = build(args.model, args.weights)
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, density=args.density, max_images=args.max_images)
-    out = cli.run_dir(args, "evaluate")
-    device = pick_device(args.device)
     seed_everything(args.seed)
+    out = cli.run_dir(args, "evaluate", device, data=split)
     model = prepare_model(model, device)
 
     metrics, rows, maps = evaluate(model, dataset, device, args.amp, keep_maps=args.figures)
@@ -45,8 +57,8 @@ def main(args: argparse.Namespace) -> dict:
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     for row, (image, target, pred) in zip(rows, maps, strict=False):
-        density_figure(out / "figures" / f"{Path(row['image']).stem}.png", image,
-                       [(f"ground truth ({row['gt']:.0f} heads)", target), ("prediction", pred)], row["image"])
+        density_figure(out / "figures" / f"{Path(row['image']).stem}.{args.figure_format}", image,
+                       [("ground-truth density", target), ("prediction", pred)], row["image"], truth=row["gt"])
     print(f"{len(rows)} images  MAE {metrics['mae']:.2f}  RMSE {metrics['mse']:.2f}  "
           f"GAME(1..3) {metrics['game1']:.2f} / {metrics['game2']:.2f} / {metrics['game3']:.2f}  -> {out}")
     return metrics

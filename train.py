@@ -1,4 +1,4 @@
-"""Train a crowd-counting model (any of the five) on a ShanghaiTech-layout split or the synthetic crowds.
+"""Train a crowd-counting model (any of the five) on a ShanghaiTech-layout dataset or the synthetic crowds.
 
     python train.py --model mcnn                                   # synthetic default
     python train.py --model csrnet --data ShanghaiTech/part_A_final --epochs 400 --crop 256
@@ -8,25 +8,29 @@ from __future__ import annotations
 
 import argparse
 
-from utils import cli
+from utils import cli, runs
 from utils.training import DEFAULTS, fit, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    cli.add_model_args(parser)
+    cli.add_model_args(parser, omitted="training starts from a random initialisation")
     cli.add_data_args(parser)
-    cli.add_training_args(parser, DEFAULTS)
-    parser.add_argument("--erase", type=float, default=0.0, help="probability of random erasing with noise per crop")
+    group = cli.add_training_args(parser, DEFAULTS)
+    group.add_argument("--erase", type=float, default=0.0,
+                       help="probability, per training crop, of replacing a random rectangle by noise "
+                            "(its heads removed from the target)")
     cli.add_run_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
     out, device, model, train_set, test_set = setup(args, "train", erase=args.erase)
-    return fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-               weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
-               resume=args.resume, record=vars(args))
+    summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
+                  resume=args.resume, record=runs.settings(args), seed=args.seed, figure_format=args.figure_format)
+    print(f"-> {out}")
+    return summary
 
 
 if __name__ == "__main__":

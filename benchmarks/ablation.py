@@ -1,5 +1,5 @@
-"""Speed of `sample_indices` against the paper's sequential index sampling (PAPER.md §3.1 and §7: k draws per
-row, each shifted past the earlier ones in a fixed-point loop, so O(k²)), and of the whole `ablate` call against
+"""Speed of `sample_indices` against the paper's sequential index sampling (its code, from Levine & Feizi: k draws
+per row, each shifted past the earlier ones in a fixed-point loop, so O(k²)), and of the whole `ablate` call against
 its memory-bound floor (allocating the filled output and scattering the kept values); prints JSON.
 
     python benchmarks/ablation.py [--device cuda]

@@ -12,6 +12,7 @@ from datasets.density import density_map, downsample
 from datasets.shanghaitech import ground_truth_file, list_images, load_image, read_h5_density, read_points
 from datasets.transforms import multiple_size, random_crop_flip, random_erase, resize_to_multiple
 from utils.errors import ToolkitError
+from utils.runtime import derived_generator
 
 DENSITY_SOURCES = ("adaptive", "fixed", "h5")
 
@@ -22,11 +23,14 @@ class CrowdDataset(Dataset):
     Items are `(image (3, h, w) in [0, 1], target (1, h/stride, w/stride), count)`. The target is made from the
     head points at the image's working size and sum-pooled to the stride, so its sum is the number of heads; the
     count of a whole image is the number of annotated heads inside it.
+
+    The crop, flip and erasing of item i are drawn from a generator keyed by (seed, epoch, i) (`set_epoch`), so they
+    do not depend on the global RNG, the loading order, the number of workers or where a run was resumed.
     """
 
     def __init__(self, root: str | Path, stride: int, size_multiple: int, density: str = "adaptive",
                  crop: int | None = None, flip: bool = True, max_images: int | None = None, cache: bool = True,
-                 grey: bool = False, erase: float = 0.0):
+                 grey: bool = False, erase: float = 0.0, seed: int = 0):
         if density not in DENSITY_SOURCES:
             raise ToolkitError(f"unknown density source {density!r}; choose from {', '.join(DENSITY_SOURCES)}")
         if crop is not None and (crop <= 0 or crop % size_multiple):
@@ -35,6 +39,7 @@ class CrowdDataset(Dataset):
         self.images = list_images(self.root)[:max_images]
         self.stride, self.size_multiple, self.density = stride, size_multiple, density
         self.crop, self.flip, self.grey, self.erase = crop, flip, grey, erase
+        self.seed, self.epoch = seed, 0
         self._cache: dict[tuple, object] | None = {} if cache else None
         for image in self.images:  # fail on a missing annotation now, not mid-epoch
             self._annotation(image)
@@ -43,6 +48,12 @@ class CrowdDataset(Dataset):
     def for_model(cls, root: str | Path, model, **kwargs) -> CrowdDataset:
         """A dataset shaped by the model's stride and size rule; grey models read the JPEG's own luma."""
         return cls(root, model.stride, model.size_multiple, grey=model.native_channels == 1, **kwargs)
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Draw the crops of `epoch` (and of `seed`, when given) from now on."""
+        self.epoch = epoch
+        if seed is not None:
+            self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -119,8 +130,9 @@ class CrowdDataset(Dataset):
     def __getitem__(self, index: int):
         if self.crop is None:
             return self._cached(("whole", index), lambda: self._whole(index))
-        image, den = random_crop_flip(self._load(index)[0], self._full_density(index), self.crop, self.flip)
-        image, den = random_erase(image, den, self.erase)
+        gen = derived_generator(self.seed, self.epoch, index)
+        image, den = random_crop_flip(self._load(index)[0], self._full_density(index), self.crop, self.flip, gen)
+        image, den = random_erase(image, den, self.erase, gen)
         return image, downsample(den, self.stride)[None], float(den.sum())
 
 
@@ -137,8 +149,16 @@ def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bo
     return batches
 
 
-def equal_size_batches(dataset: CrowdDataset, batch_size: int, shuffle: bool = False,
-                       generator: torch.Generator | None = None):
-    """Iterate (indices, (images, targets, counts)) over batches of equal-size items of `dataset`."""
-    order = same_size_batches(dataset.sizes(), batch_size, shuffle, generator)
-    return zip(order, DataLoader(dataset, batch_sampler=order), strict=True)
+class EqualSizeBatches:
+    """(indices, (images, targets, counts)) per batch of equal-size items of `dataset`, with a length."""
+
+    def __init__(self, dataset: CrowdDataset, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None):
+        self.dataset = dataset
+        self.order = same_size_batches(dataset.sizes(), batch_size, shuffle, generator)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return zip(self.order, DataLoader(self.dataset, batch_sampler=self.order), strict=True)

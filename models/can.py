@@ -1,4 +1,4 @@
-"""CAN (Liu et al., CVPR 2019), CommissarMa's Part-A version (MODELS.md §4.1): CSRNet + scale context."""
+"""CAN (Liu et al., CVPR 2019), CommissarMa's Part-A version (the one the paper cites): CSRNet + scale context."""
 from pathlib import Path
 
 import torch

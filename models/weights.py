@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from models.counter import CrowdCounter
 from utils.errors import ToolkitError
 
-HDF5_SUFFIXES = (".h5", ".hdf5")
 # Prefixes some files use for the same module: DA-Net's source calls the network `fine`, its release `DA_Net`.
 PREFIX_ALIASES = {"danet": {"fine.": "DA_Net."}}
 # Entries of original files that are not network weights: CMTL's BCE class weights (a buffer in PyTorch 0.3).
@@ -39,12 +38,24 @@ def _read_hdf5(path: Path) -> dict[str, Tensor]:
     return state
 
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+PICKLE_MAGIC = b"\x80"  # older torch.save files and plain pickles start with the PROTO opcode
+
+
 def read_weights_file(path: Path) -> object:
     """The content of an HDF5 file (name -> tensor) or of a torch file (loaded with weights_only)."""
     if not path.is_file():
         raise ToolkitError(f"weights file not found: {path}")
     try:
-        if path.suffix.lower() in HDF5_SUFFIXES:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ToolkitError(f"cannot read weights file {path}: {e.strerror}") from None
+    if not head.startswith((HDF5_MAGIC, ZIP_MAGIC, PICKLE_MAGIC)):
+        raise ToolkitError(f"{path} is not a weight file: neither HDF5 (.h5) nor a PyTorch file (.pt, .pth, .pth.tar)")
+    try:
+        if head.startswith(HDF5_MAGIC):
             return _read_hdf5(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # h5py, zipfile, pickle and torch each raise their own types for a broken file

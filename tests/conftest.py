@@ -6,6 +6,12 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder, so a default runs/<script>/... never lands in the clone."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The real fixtures in ../shared (weights, ShanghaiTech-mini); skips when this clone has none."""

@@ -99,7 +99,7 @@ def test_apam_against_the_smoothed_model_stays_inside_the_certificate(tiny_mcnn,
     for objective in ("maximize", "minimize"):
         config = APAMConfig(target=objective, lr=0.05, transform=PatchTransform.none())
         attack = APAM(smoothed_model, random_patch(side, gen), make_mask(side, "square"), config, gen, amp=False)
-        attack.fit(lambda: [(images, None)], epochs=10)
+        attack.fit(lambda _: [(images, None)], epochs=10)
         centers = sample_centers(len(images), *images.shape[-2:], side, "center")
         patched, _ = apply_patch(images, attack.patch, attack.mask, centers, PatchTransform.none())
         # ρ: the units the patch really changed (bilinear resampling may touch a rim beyond the s×s square)

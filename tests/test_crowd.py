@@ -43,8 +43,8 @@ def test_flip_moves_image_and_density_together(tiny_crowds):
     source = load_image(ds.images[1])
     full = torch.from_numpy(density_map(ds._load(1)[1], (96, 128), "fixed"))
     outcomes = set()
-    for seed in range(20):
-        torch.manual_seed(seed)
+    for epoch in range(20):
+        ds.set_epoch(epoch)
         image, target, _ = ds[1]
         for left in range(33):
             window, den = source[:, :, left:left + 96], full[:, left:left + 96]
@@ -53,6 +53,21 @@ def test_flip_moves_image_and_density_together(tiny_crowds):
                     torch.testing.assert_close(target[0], den.flip(-1) if flipped else den)
                     outcomes.add(flipped)
     assert outcomes == {False, True}
+
+
+def test_crops_are_a_function_of_seed_epoch_and_item(tiny_crowds):
+    from torch.utils.data import DataLoader
+
+    ds = CrowdDataset(tiny_crowds / "train_data", 4, 4, crop=32, erase=0.5)
+    ds.set_epoch(3, seed=7)
+    first = torch.stack([ds[i][0] for i in range(len(ds))])
+    torch.manual_seed(123)  # the global RNG plays no part, nor the order items are read in
+    assert torch.equal(torch.stack([ds[i][0] for i in reversed(range(len(ds)))]).flip(0), first)
+    assert torch.equal(torch.cat([b[0] for b in DataLoader(ds, batch_size=2, num_workers=2)]), first)
+    ds.set_epoch(4)
+    assert not torch.equal(torch.stack([ds[i][0] for i in range(len(ds))]), first)
+    ds.set_epoch(3, seed=8)
+    assert not torch.equal(torch.stack([ds[i][0] for i in range(len(ds))]), first)
 
 
 def test_h5_densities_are_read(tiny_crowds, tmp_path):

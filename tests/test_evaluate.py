@@ -40,7 +40,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(shared_dir, tmp_path, cli_err
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
     cases = [
-        (["--model", "resnet"], "unknown model"),
+        (["--model", "resnet"], "argument --model: invalid choice"),
         (["--model", "cmtl", "--weights", str(weights)], "does not fit cmtl"),
         (["--model", "mcnn", "--weights", str(tmp_path / "nope.h5")], "not found"),
         (["--model", "mcnn", "--weights", str(weights), "--data", str(empty)], "holds no images"),

@@ -109,7 +109,7 @@ def test_cmtl_loss_adds_the_density_level_term():
         torch.testing.assert_close(aux, 1e-4 * expected_bce([1, 9]), rtol=1e-5, atol=0)  # 0.75, 10.9 clipped
 
 
-# --- DA-Net's deformable conv against the original DeformConv2D formulation (MODELS.md §5.1) ---------------
+# --- DA-Net's deformable conv against the original repository's pure-PyTorch DeformConv2D -------------------
 
 def original_deform_conv(x, raw_offset, weight):
     """The original DeformConv2D(C, O, 3, padding=1) forward, restated: the raw 18-channel offsets are

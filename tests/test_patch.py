@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,7 +97,20 @@ def test_patch_round_trip_and_bad_files(tmp_path):
     back = load_patch(tmp_path / "patch.pt")
     assert torch.equal(back["patch"], patch) and torch.equal(back["mask"], mask)
     assert back["shape"] == "circle" and back["transform"]["rotation"] == 3.0 and back["size"] == 12
-    assert (tmp_path / "patch.png").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "patch.png") as png:
+        assert png.size == (12, 12)  # the printable patch: one image pixel per patch pixel
+        real = torch.from_numpy(np.asarray(png.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
+    torch.testing.assert_close(real, patch * mask + 1 - mask, atol=1 / 255, rtol=0)
+    with Image.open(tmp_path / "patch_x8.png") as view:
+        assert view.size == ((12 + 2) * 8, (12 + 2) * 8)  # ×8 with one white patch pixel of margin all round
+        big = torch.from_numpy(np.asarray(view.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
+    # nearest neighbour: every 8×8 block of the inside is one patch pixel; the red outline hugs the mask outside
+    torch.testing.assert_close(big[:, 8:-8, 8:-8][:, ::8, ::8][:, 5:7, 5:7], real[:, 5:7, 5:7], atol=0, rtol=0)
+    red = (big[0] > 0.8) & (big[1] < 0.05) & (big[2] < 0.05)
+    outside = ~(torch.nn.functional.pad(mask, (1, 1, 1, 1)).repeat_interleave(8, 1).repeat_interleave(8, 2)[0] > 0)
+    assert red.sum() > 4 * 12 * 2 and bool((red <= outside).all())  # a closed-ish line, never over the patch
     torch.save({"patch": torch.rand(1, 12, 12), "mask": mask}, tmp_path / "grey.pt")
     with pytest.raises(ToolkitError, match=r"does not hold a \(3, s, s\) patch"):
         load_patch(tmp_path / "grey.pt")

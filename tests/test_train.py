@@ -36,30 +36,81 @@ def test_short_run_writes_the_run_folder(tiny_crowds, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["mae"] == pytest.approx(summary["mae"])
 
 
-def test_sigkill_then_resume_continues_from_the_last_epoch(tiny_crowds, tmp_path):
-    cmd = [sys.executable, "train.py", *_argv(tiny_crowds, tmp_path, "--epochs", "40")]
+def _weights(out: Path) -> dict:
+    return load_checkpoint(out / "last.pt")["state_dict"]
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_crowds, tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    cmd = [sys.executable, "train.py", *_argv(tiny_crowds, killed, "--epochs", "6")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(_log(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    while len(_log(killed)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = _log(tmp_path)
-    assert 2 <= len(before) < 40, "the run should have been killed mid-way"
-    killed_at = load_checkpoint(tmp_path / "last.pt")["epoch"]  # complete: never half-written
+    before = _log(killed)
+    assert 2 <= len(before) < 6, "the run should have been killed mid-way"
+    killed_at = load_checkpoint(killed / "last.pt")["epoch"]  # complete: never half-written
 
-    weights = load_checkpoint(tmp_path / "last.pt")["state_dict"]
-    resumed = subprocess.run([*cmd[:-2], "--epochs", str(killed_at + 3), "--resume"], cwd=REPO,
+    # no flag but --out: every setting (data, crop, epochs, seed...) comes from the run's record
+    resumed = subprocess.run([sys.executable, "train.py", "--out", str(killed), "--resume"], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {tmp_path / 'last.pt'} at epoch {killed_at + 2}" in resumed.stdout
-    after = _log(tmp_path)
-    assert [int(r["epoch"]) for r in after] == list(range(1, killed_at + 4))
+    assert f"resumed from {killed / 'last.pt'} at epoch {killed_at + 2}" in resumed.stdout
+    after = _log(killed)
+    assert [int(r["epoch"]) for r in after] == list(range(1, 7))
     kept = min(len(before), killed_at + 1)  # log.csv is written just after last.pt
     assert after[:kept] == before[:kept]  # history carried over, not retrained
-    final = load_checkpoint(tmp_path / "last.pt")
-    assert final["epoch"] == killed_at + 2
-    assert any(not torch.equal(final["state_dict"][k], weights[k]) for k in weights)
+
+    train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, whole, "--epochs", "6")))
+    resumed_weights, whole_weights = _weights(killed), _weights(whole)
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+    assert _log(killed) == _log(whole)
+
+
+def test_interrupted_run_says_how_to_resume_and_resumes_exactly(tiny_crowds, tmp_path, monkeypatch, capsys):
+    from utils import cli, training
+
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    real = training.train_one_epoch
+
+    def interrupt_third_epoch(*a, desc="", **k):
+        if desc == "epoch 3":
+            raise KeyboardInterrupt
+        return real(*a, desc=desc, **k)
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupt_third_epoch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, train.get_args_parser(), _argv(tiny_crowds, broken, "--epochs", "4"))
+    assert exit_info.value.code == 130
+    assert f"interrupted; continue with: python train.py --out {broken} --resume" in capsys.readouterr().err
+    monkeypatch.setattr(training, "train_one_epoch", real)
+
+    train.main(train.get_args_parser().parse_args(["--out", str(broken), "--resume"]))
+    train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, whole, "--epochs", "4")))
+    resumed_weights, whole_weights = _weights(broken), _weights(whole)
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+
+
+def test_resume_refuses_contradicting_flags_and_records_a_longer_run(tiny_crowds, tmp_path, cli_error):
+    train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "2",
+                                                        "--max-test-images", "2")))
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for flag, value, recorded in (("--max-test-images", "3", "2"), ("--lr", "0.01", "0.001"), ("--epochs", "1", "2"),
+                                  ("--crop", "64", "32")):
+        code, lines = cli_error(train, ["--out", str(tmp_path), "--resume", flag, value])
+        assert code == 2 and len(lines) == 1, lines
+        assert f"{flag} {value} contradicts the run being resumed ({flag} {recorded} in" in lines[0], lines
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+    # the same values again are no contradiction; a longer --epochs extends the run and is recorded
+    summary = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "3",
+                                                                  "--max-test-images", "2", "--resume")))
+    assert summary["epochs"] == 3 and summary["test_images"] == 2
+    record = json.loads((tmp_path / "args.json").read_text())
+    assert record["epochs"] == 3 and [r["epochs"] for r in record["resumes"]] == [3]
+    assert load_checkpoint(tmp_path / "last.pt")["args"]["epochs"] == 3
 
 
 def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
@@ -67,7 +118,7 @@ def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
         (_argv(tiny_crowds, tmp_path / "a", "--resume"), "nothing to resume"),
         (_argv(tmp_path / "nowhere", tmp_path / "b"), "data split not found"),
         (_argv(tiny_crowds, tmp_path / "c", "--crop", "30"), "crop must be a positive multiple of 4"),
-        (["--model", "vgg", "--data", str(tiny_crowds)], "unknown model"),
+        (["--model", "vgg", "--data", str(tiny_crowds)], "argument --model: invalid choice: 'vgg'"),
         (["--epochs", "0"], "--epochs: must be a positive integer"),
         (["--crop", "-8"], "--crop: must be a positive integer"),
     ]

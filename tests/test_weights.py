@@ -91,11 +91,15 @@ def test_wrong_shape_is_reported(tmp_path):
         build("mcnn", weights=tmp_path / "bad.pth")
 
 
-@pytest.mark.parametrize("file", ["broken.pth", "broken.h5", "missing.pth"])
-def test_unreadable_files(tmp_path, file):
-    if not file.startswith("missing"):
-        (tmp_path / file).write_bytes(b"\x89HDF\r\n not really" * 10)
-    with pytest.raises(ToolkitError, match="not found" if file.startswith("missing") else "cannot read") as err:
+@pytest.mark.parametrize("file, content, message", [
+    ("broken.pth", b"PK\x03\x04 a zip archive cut short", "cannot read weights file"),
+    ("broken.h5", b"\x89HDF\r\n\x1a\n not really" * 10, "cannot read weights file"),
+    ("notes.pth", b"a text file\n", "is not a weight file: neither HDF5"),
+    ("missing.pth", None, "not found")])
+def test_unreadable_files(tmp_path, file, content, message):
+    if content is not None:
+        (tmp_path / file).write_bytes(content)
+    with pytest.raises(ToolkitError, match=message) as err:
         build("mcnn", weights=tmp_path / file)
     assert "\n" not in str(err.value)
 

@@ -1,4 +1,4 @@
-"""Randomized ablation (DESIGN §6): keep `keep` units of each image, chosen uniformly without replacement, and
+"""Randomized ablation: keep `keep` units of each image, chosen uniformly without replacement, and
 set the rest to a fill value. A unit is one of the 3·H·W values (`element`, the paper's code) or one pixel with
 its three channels (`pixel`, Levine & Feizi's colour version)."""
 from __future__ import annotations

@@ -1,18 +1,18 @@
-"""APAM: a universal adversarial patch optimised with an L1-normalised, momentum gradient step (DESIGN §5).
+"""APAM: a universal adversarial patch optimised with an L1-normalised, momentum gradient step.
 
 The loss is the MSE between the density of the patched image and a target density `l*` (or ∓ the count for the
 untargeted variants), plus an optional total-variation weight on the patch. Each step descends that loss.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets.crowd import CrowdDataset, equal_size_batches
+from datasets.crowd import CrowdDataset, EqualSizeBatches, same_size_batches
 from utils.errors import ToolkitError
 from utils.metrics import summarize
 from utils.patch import PatchTransform, apply_patch, random_patch, sample_centers, sweep_centers
@@ -122,13 +122,15 @@ class APAM:
                                                   self.config.momentum, self.config.momentum_form)
         return loss.detach()
 
-    def fit(self, batches: Callable[[], Iterable], epochs: int, steps: int = 1, desc: str = "APAM") -> list[float]:
-        """`epochs` passes over `batches()` of (images, gt density), `steps` updates per batch; mean loss per epoch."""
+    def fit(self, batches: Callable[[int], Iterable], epochs: int, steps: int = 1, desc: str = "APAM",
+            total: int | None = None) -> list[float]:
+        """`epochs` passes over `batches(epoch)` (`total` batches of (images, gt density)), `steps` updates per
+        batch; mean loss per epoch."""
         losses = []
         for epoch in range(epochs):
             total, count = 0.0, 0
-            for images, gt in tqdm(batches(), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
-                                   dynamic_ncols=True):
+            for images, gt in tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", total=total,
+                                   leave=False, dynamic_ncols=True):
                 target = self.batch_target(images, gt)
                 for _ in range(steps):
                     total = total + self.step(images, target).float()
@@ -141,15 +143,18 @@ def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
                    mask: torch.Tensor, config: APAMConfig, device: torch.device, epochs: int, steps: int = 1,
                    batch_size: int = 8, seed: int = 0, amp: bool = True, desc: str = "APAM",
                    ) -> tuple[torch.Tensor, list[float]]:
-    """APAM over shuffled same-size batches of `dataset` from the starting `patch`: (the patch, loss per epoch)."""
+    """APAM over shuffled same-size batches of `dataset` from the starting `patch`: (the patch, loss per epoch).
+
+    Everything random (batch order, crops, patch transforms and placements) follows from `seed`."""
     gen = torch.Generator().manual_seed(seed)
     attack = APAM(model, patch.to(device), mask, config, gen, amp)
 
-    def batches():
-        for _, (images, targets, _) in equal_size_batches(dataset, batch_size, True, gen):
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dataset.set_epoch(epoch, seed)
+        for _, (images, targets, _) in EqualSizeBatches(dataset, batch_size, True, gen):
             yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
-    losses = attack.fit(batches, epochs, steps, desc)
+    losses = attack.fit(batches, epochs, steps, desc, total=len(same_size_batches(dataset.sizes(), batch_size)))
     return attack.patch, losses
 
 
@@ -191,7 +196,7 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
     density) for the first `keep_maps` images."""
     control = random_patch(patch.shape[-1], torch.Generator().manual_seed(seed + 1)).to(device)
     rows, maps = [], []
-    for index, (images, _, gt) in tqdm(equal_size_batches(dataset, batch_size), desc="test", leave=False,
+    for index, (images, _, gt) in tqdm(EqualSizeBatches(dataset, batch_size), desc="test", leave=False,
                                        dynamic_ncols=True):
         images = images.to(device)
         with torch.no_grad(), autocast(device, amp):
@@ -235,22 +240,18 @@ def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: C
     config = config or APAMConfig(lr=PROBE_LR)
     trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    # The same crops for every probe of every model (common random numbers), without moving the caller's RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            best = None
-            for r in range(restarts):
-                start = random_patch(side, torch.Generator().manual_seed(seed + r))
-                patch, _ = optimise_patch(attack_through or model, attack_set, start, mask.to(device), config,
-                                          device, epochs, 1, batch_size, seed + r, amp,
-                                          desc=f"probe {r + 1}/{restarts}")
-                rows, _ = evaluate_patch(counter or model, test_set, patch, mask.to(device), config.placement,
-                                         config.transform, device, batch_size, seed, amp)
-                metrics = patch_metrics(rows)
-                if best is None or metrics["attacked"]["mae"] > best[0]["attacked"]["mae"]:
-                    best = metrics, rows
-        finally:
-            for p, flag in zip(model.parameters(), trainable, strict=True):
-                p.requires_grad_(flag)
+    try:
+        best = None
+        for r in range(restarts):  # restart r draws everything from seed + r: the same for every model probed
+            start = random_patch(side, torch.Generator().manual_seed(seed + r))
+            patch, _ = optimise_patch(attack_through or model, attack_set, start, mask.to(device), config,
+                                      device, epochs, 1, batch_size, seed + r, amp, desc=f"probe {r + 1}/{restarts}")
+            rows, _ = evaluate_patch(counter or model, test_set, patch, mask.to(device), config.placement,
+                                     config.transform, device, batch_size, seed, amp)
+            metrics = patch_metrics(rows)
+            if best is None or metrics["attacked"]["mae"] > best[0]["attacked"]["mae"]:
+                best = metrics, rows
+    finally:
+        for p, flag in zip(model.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
     return best

@@ -1,4 +1,4 @@
-"""Certified count bounds of the median-smoothed counter against a patch (DESIGN §6).
+"""Certified count bounds of the median-smoothed counter against a patch placed anywhere.
 
 A random ablation misses a patch of ρ units with probability C(d−ρ, k)/C(d, k); Δ = 1 − that bounds the total
 variation between the clean and attacked ablated-count distributions, so the attacked population median lies in

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import datetime
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from datasets.crowd import DENSITY_SOURCES
-from utils.errors import ToolkitError
-from utils.io import save_json
+import torch
 
-FIGURE_FORMATS = ("png", "pdf", "svg")
+from datasets.crowd import DENSITY_SOURCES
+from utils import runs
+from utils.errors import ToolkitError
+from utils.plots import FORMATS as FIGURE_FORMATS
+
+_UNSET = object()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -30,6 +33,8 @@ class ArgumentParser(argparse.ArgumentParser):
     defaults shown in --help; no prefix abbreviations (a resumed run must know exactly which flags were given)."""
 
     def __init__(self, *args, **kwargs):
+        # the calling script's file name, also when its main runs in-process (tests) rather than as sys.argv[0]
+        kwargs.setdefault("prog", Path(sys._getframe(1).f_globals.get("__file__", sys.argv[0])).name)
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
@@ -37,11 +42,33 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Parsed flags, with `_given` (the dests set on the command line); with `--resume`, the settings of the
+        run being resumed, checked against the flags given."""
+        parsed = super().parse_args(args, namespace)
+        # argparse leaves an attribute that is already set alone when its flag is absent: mark them all as unset
+        probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.dest != argparse.SUPPRESS})
+        super().parse_known_args(args, probe)
+        parsed._given = frozenset(k for k, v in vars(probe).items() if v is not _UNSET)
+        if getattr(parsed, "resume", False):
+            try:
+                parsed = runs.resumed_settings(self, parsed)
+            except ToolkitError as e:
+                self.error(str(e))
+        return parsed
+
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
 
 
@@ -52,47 +79,76 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn") -> None:
+def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn",
+                   omitted: str = "a randomly initialised model") -> argparse._ArgumentGroup:
+    """The "model" group: --model and --weights (`omitted`: what the script uses when --weights is not given)."""
     from models import MODEL_NAMES, canonical_name
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default, type=canonical_name, choices=MODEL_NAMES, help="architecture")
-    group.add_argument("--weights", type=Path, help="original weight file (.h5/.pth/.pth.tar) or a checkpoint of ours")
+    group.add_argument("--model", default=default, type=canonical_name, choices=MODEL_NAMES,
+                       help="network architecture (case-insensitive)")
+    group.add_argument("--weights", type=Path,
+                       help="weights to load: an original release file (.h5, .pth, .pth.tar; e.g. "
+                            "path/to/mcnn_shtechA_660.h5) or a checkpoint written by these scripts (e.g. "
+                            f"runs/train/<run>/best.pt); omitted: {omitted}")
+    return group
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data (ShanghaiTech layout; the cached synthetic set when none is given)")
-    group.add_argument("--data", type=Path, help="a root holding train_data/ and test_data/")
-    group.add_argument("--train-data", type=Path, help="a split folder with images/ and ground_truth/")
-    group.add_argument("--test-data", type=Path, help="a split folder with images/ and ground_truth/")
+SYNTHETIC = "the cached synthetic crowd set (generated on first use)"
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "data" group of the scripts that need both a train and a test split."""
+    group = parser.add_argument_group("data (ShanghaiTech layout)")
+    group.add_argument("--data", type=Path,
+                       help="dataset ROOT holding train_data/ and test_data/ (each with images/ and ground_truth/), "
+                            "e.g. ShanghaiTech/part_A_final; with none of --data, --train-data, --test-data: "
+                            f"{SYNTHETIC}")
+    group.add_argument("--train-data", type=Path,
+                       help="ONE split folder holding images/ and ground_truth/, e.g. "
+                            "ShanghaiTech/part_A_final/train_data; overrides --data's train_data/")
+    group.add_argument("--test-data", type=Path,
+                       help="ONE split folder holding images/ and ground_truth/, e.g. "
+                            "ShanghaiTech/part_A_final/test_data; overrides --data's test_data/")
     group.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
-                       help="target density: geometry-adaptive or MCNN's fixed kernel from the points, "
-                            "or the CSRNet .h5 files beside them")
+                       help="target density maps: made from the head points with the geometry-adaptive kernel "
+                            "(adaptive) or MCNN's fixed σ = 4 kernel (fixed), or read from the CSRNet-style "
+                            "ground_truth/IMG_<i>.h5 files (h5; see make_dataset.py densities)")
     group.add_argument("--max-train-images", type=positive_int, help="use only the first N training images")
     group.add_argument("--max-test-images", type=positive_int, help="use only the first N test images")
+    return group
 
 
-def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    """The optimisation flags of every training script (`defaults`: epochs, batch_size, crop, lr)."""
+def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argparse._ArgumentGroup:
+    """The optimisation flags of every training script (`defaults`: epochs, batch_size, crop, lr); returns the
+    "training" group so a script can add its own training flags to it."""
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=positive_int, default=defaults["epochs"])
-    group.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"])
-    group.add_argument("--crop", type=positive_int, default=defaults["crop"], help="side of the random crops")
-    group.add_argument("--lr", type=positive_float, default=defaults["lr"], help="Adam's rate, cosine-annealed")
-    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--epochs", type=positive_int, default=defaults["epochs"],
+                       help="passes over the training split")
+    group.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"],
+                       help="training crops per optimiser step")
+    group.add_argument("--crop", type=positive_int, default=defaults["crop"],
+                       help="side of the random square training crops, in pixels")
+    group.add_argument("--lr", type=positive_float, default=defaults["lr"],
+                       help="Adam's learning rate, cosine-annealed to 0 over --epochs")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="Adam's L2 weight decay")
     group.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (needs --out)")
+    return group
 
 
-def add_run_args(parser: argparse.ArgumentParser) -> None:
+def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "run" group: output folder, figures, device, seed, workers, mixed precision."""
     group = parser.add_argument_group("run")
-    group.add_argument("--out", type=Path, help="run folder (default: a new runs/<script>/<timestamp>); an existing "
+    group.add_argument("--out", type=Path, help="run folder; omitted: a new runs/<script>/<timestamp>; an existing "
                        "run there is never overwritten without --overwrite")
     group.add_argument("--overwrite", action="store_true", help="start the run in --out again, deleting its files")
     group.add_argument("--figure-format", default="png", choices=FIGURE_FORMATS, help="file format of the figures")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    group.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then the CPU")
+    group.add_argument("--seed", type=int, default=0, help="seed of every random draw (crops, patches, ablations)")
+    group.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0: in the main process)")
     group.add_argument("--no-amp", dest="amp", action="store_false", help="disable float16 autocast on CUDA")
+    return group
 
 
 def synthetic_splits() -> tuple[Path, Path]:
@@ -121,24 +177,46 @@ def resolve_splits(data: Path | None, train: Path | None = None,
     return tuple(None if split is None else check_split(split) for split in (train, test))
 
 
-def run_dir(args: argparse.Namespace, script: str) -> Path:
-    """Create the run folder (`--out` or runs/<script>/<timestamp>) and record the arguments in it."""
-    if args.out is None:
-        args.out = Path("runs") / script / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_json(args.out / "args.json", vars(args))
-    return args.out
+def run_dir(args: argparse.Namespace, script: str, device: torch.device | None = None, **resolved) -> Path:
+    """Claim the run folder (`--out`, else a new runs/<script>/<timestamp>) and record the run in its args.json:
+    the settings, with `device` and any other `resolved` values in place of what was asked for."""
+    if device is not None:
+        args.device = str(device)
+        resolved.setdefault("dtype", "float16 autocast" if getattr(args, "amp", False) and device.type == "cuda"
+                            else "float32")
+    for key, value in resolved.items():
+        if hasattr(args, key):
+            setattr(args, key, value)
+    return runs.start(args, script, {k: v for k, v in resolved.items() if not hasattr(args, k)})
+
+
+def _fail(prog: str, message: str, status: int = 2) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: list[str] | None = None) -> None:
-    """Parse and call `main`; a `ToolkitError` becomes one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
+    """Parse and call `main`. Errors a user can cause (bad input, a file system refusing --out) become one line on
+    stderr and exit status 2; a run that fails or is interrupted before doing any work leaves no folder behind."""
+    argv = sys.argv[1:] if argv is None else argv
+    runs.command = shlex.join(["python", parser.prog, *argv])
     try:
-        main(args)
-    except ToolkitError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        main(parser.parse_args(argv))
+    except BaseException as e:
+        out = runs.current()
+        discarded = runs.discard_unstarted() if not isinstance(e, SystemExit) else False
+        if isinstance(e, ToolkitError):
+            _fail(parser.prog, str(e))
+        if isinstance(e, OSError):
+            _fail(parser.prog, f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        if isinstance(e, KeyboardInterrupt):
+            if out is not None and (out / "last.pt").is_file():
+                hint = f"continue with: python {parser.prog} --out {out} --resume"
+            elif out is not None and not discarded:
+                hint = f"what was written is in {out}"
+            else:
+                hint = "nothing was written"
+            print(f"{parser.prog}: interrupted; {hint}", file=sys.stderr)
+            sys.exit(130)
+        raise

@@ -131,15 +131,38 @@ def footprint_side(size: int, shape: str, transform: PatchTransform) -> int:
 
 def save_patch(out: Path, patch: torch.Tensor, mask: torch.Tensor, shape: str, transform: PatchTransform,
                extra: dict | None = None) -> None:
-    """`patch.pt` (tensor, mask and metadata) and `patch.png` (the masked patch on white)."""
+    """`patch.pt` (tensor, mask and metadata), `patch.png` (the masked patch on white at its real size: one image
+    pixel per patch pixel, the printable artefact) and `patch_x8.png` (an enlarged view to look at: nearest-neighbour
+    ×`VIEW_SCALE`, one white patch pixel of margin all round, the mask outline drawn in red just outside the mask)."""
     from PIL import Image
 
     state = {"patch": patch.detach().cpu().float(), "mask": mask.cpu().float(), "size": patch.shape[-1],
              "shape": shape, "transform": asdict(transform), **(extra or {})}
     save_checkpoint(out / "patch.pt", state)
-    rgb = (patch.detach().cpu() * mask.cpu() + (1 - mask.cpu())).clamp(0, 1)
+    rgb = (patch.detach().cpu().float() * mask.cpu() + (1 - mask.cpu())).clamp(0, 1)
     img = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     atomic_write(out / "patch.png", lambda tmp: img.save(tmp, format="PNG"))
+    view = Image.fromarray((enlarged_view(rgb, mask.cpu()).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    atomic_write(out / f"patch_x{VIEW_SCALE}.png", lambda tmp: view.save(tmp, format="PNG"))
+
+
+VIEW_SCALE = 8  # patch_x8.png: a 20 px patch (2 % of 1024) becomes 176 px, a 40 px one 336 px
+OUTLINE = (0.85, 0.0, 0.0)  # red, on the white margin around the mask
+
+
+def enlarged_view(rgb: torch.Tensor, mask: torch.Tensor, scale: int = VIEW_SCALE, outline: int = 2) -> torch.Tensor:
+    """(3, (s + 2)·scale, (s + 2)·scale): the (3, s, s) masked patch `rgb` on white with one white patch pixel of
+    margin, each pixel a scale × scale block (nearest neighbour), and an `outline`-pixel red line just outside the
+    (1, s, s) mask, so the patch's own pixels stay untouched."""
+    rgb = F.pad(rgb.float(), (1, 1, 1, 1), value=1.0)
+    inside = F.pad(mask.float(), (1, 1, 1, 1), value=0.0) > 0.5
+    big = rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    inside = inside.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    near = F.max_pool2d(inside[None].float(), 2 * outline + 1, stride=1, padding=outline)[0] > 0
+    ring = (near & ~inside)[0]
+    for c, value in enumerate(OUTLINE):
+        big[c][ring] = value
+    return big
 
 
 def load_patch(path: str | Path) -> dict:

@@ -1,4 +1,9 @@
-"""PNG figures: jet density maps beside their image, and training curves. Written atomically, no display."""
+"""Figures: jet density maps beside their image, certified intervals, bars and training curves.
+
+Written atomically, no display. The file format follows the path's suffix: `.png` (raster, `DPI`), `.pdf` or
+`.svg` (vector; images inside stay raster). Builders (`_density_fig`, `_curve_fig`, ...) return the matplotlib
+Figure, so tests can inspect it; the public writers build, save and close it.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,33 +15,78 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from utils.errors import ToolkitError  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
+
+FORMATS = ("png", "pdf", "svg")
+DPI = 130
+DENSITY_LABEL = "density (people per output cell)"
 
 
 def _array(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-    return path
+def figure_format(path: str | Path) -> str:
+    """The format a figure path asks for, from its suffix: png, pdf or svg."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ToolkitError(f"cannot write figure {path}: the suffix must be one of "
+                           f"{', '.join('.' + f for f in FORMATS)}")
+    return fmt
 
 
-def density_figure(path: str | Path, image, panels: Sequence[tuple[str, object]], title: str = "") -> Path:
-    """The image (3, H, W in [0, 1]) then one jet panel per `(label, density)`; labels carry the counts."""
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.4))
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` in the format of `path`'s suffix (png at `DPI`, pdf / svg as vectors) and close it."""
+    try:
+        fmt = figure_format(path)
+        options = {"png": {"dpi": DPI}, "pdf": {"metadata": {"CreationDate": None}},
+                   "svg": {"metadata": {"Date": None}}}[fmt]  # no dates: the same figure, the same bytes
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, bbox_inches="tight", **options))
+    finally:
+        plt.close(fig)
+
+
+def _count(x: float) -> str:
+    """A head count as people read it: 130, or 129.5 when the annotation is fractional."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _density_fig(image, panels: Sequence[tuple[str, object]], title: str = "", truth: float | None = None
+                 ) -> Figure:
+    """The image (3, H, W in [0, 1]) then one jet panel per `(label, density)`, all on one colour scale
+    (0 to the largest value of any panel) with one colourbar; panel titles carry their count and the truth."""
+    dens = [_array(density).squeeze() for _, density in panels]
+    vmax = max((float(d.max()) for d in dens if d.size), default=0.0)
+    norm = Normalize(vmin=0.0, vmax=vmax if vmax > 0 else 1e-6)
+    n = 1 + len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.8, 3.6), layout="constrained")
     axes = np.atleast_1d(axes)
     axes[0].imshow(_array(image).transpose(1, 2, 0).clip(0, 1))
-    axes[0].set_title(title or "image")
-    for ax, (label, density) in zip(axes[1:], panels, strict=True):
-        den = _array(density).squeeze()
-        ax.imshow(den, cmap="jet")
-        ax.set_title(f"{label}: {den.sum():.1f}")
+    axes[0].set_title((title or "image") + (f"\nground truth: {_count(truth)} people" if truth is not None else ""),
+                      fontsize=9)
+    shown = None
+    for ax, (label, _), den in zip(axes[1:], panels, dens, strict=True):
+        shown = ax.imshow(den, cmap="jet", norm=norm, interpolation="nearest")
+        ax.set_title(f"{label}: {den.sum():.1f}" + (f" (truth {_count(truth)})" if truth is not None else ""),
+                     fontsize=9)
     for ax in axes:
-        ax.axis("off")
-    return _save(fig, path)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if shown is not None:
+        extend = "min" if any(d.size and d.min() < 0 for d in dens) else "neither"
+        fig.colorbar(shown, ax=list(axes[1:]), label=DENSITY_LABEL, shrink=0.9, extend=extend)
+    return fig
+
+
+def density_figure(path: str | Path, image, panels: Sequence[tuple[str, object]], title: str = "",
+                   truth: float | None = None) -> Path:
+    """Write `_density_fig`: the image, then the `(label, density)` panels on one shared, labelled colour scale."""
+    return _save(_density_fig(image, panels, title, truth), path)
 
 
 def image_panels(path: str | Path, panels: Sequence[tuple[str, object]]) -> Path:
@@ -50,42 +100,110 @@ def image_panels(path: str | Path, panels: Sequence[tuple[str, object]]) -> Path
     return _save(fig, path)
 
 
-def interval_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int]) -> Path:
-    """Certified [L, U] per image (sorted by ground truth) for each patch side, with the truth and smoothed count."""
+def _finite(values) -> np.ndarray:
+    values = np.asarray(list(values), dtype=float).ravel()
+    return values[np.isfinite(values)]
+
+
+def _from_zero(ax, values, headroom: float = 1.05) -> None:
+    """Start the y axis at 0 when every finite value is non-negative (a change then looks its real size)."""
+    values = _finite(values)
+    if values.size and values.min() >= 0:
+        ax.set_ylim(0, max(float(values.max()) * headroom, 1e-9))
+
+
+def _interval_fig(rows: Sequence[dict], sides: Sequence[int], title: str = "") -> Figure:
     rows = sorted(rows, key=lambda r: r["gt"])
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(rows)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.6, 0.25 * len(rows)), 3.8), layout="constrained")
     for k, side in enumerate(sorted(sides, reverse=True)):
         lo, hi = np.array([r[f"L{side}"] for r in rows]), np.array([r[f"U{side}"] for r in rows])
         ax.vlines(x + 0.08 * k, lo, hi, colors=plt.cm.viridis(k / max(len(sides) - 1, 1)), lw=3, label=f"{side} px")
     ax.plot(x, [r["gt"] for r in rows], "k_", ms=10, label="ground truth")
     ax.plot(x, [r["smoothed"] for r in rows], "r.", label="smoothed count")
+    _from_zero(ax, [r[k] for r in rows for k in ("gt", "smoothed", *(f"{e}{s}" for s in sides for e in "LU"))])
+    ax.set_title(title or f"certified count intervals [L, U] per patch side ({len(rows)} images)", fontsize=10)
     ax.set_xlabel("image (sorted by ground truth)")
-    ax.set_ylabel("count")
+    ax.set_ylabel("count (people)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def interval_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int], title: str = "") -> Path:
+    """Certified [L, U] per image (sorted by ground truth) for each patch side, with the truth and smoothed count."""
+    return _save(_interval_fig(rows, sides, title), path)
+
+
+def _change(label: str, values: np.ndarray) -> str | None:
+    """`label: first → last (relative change)`, or None for a constant or too short series."""
+    if values.size < 2 or values[0] == values[-1]:
+        return None
+    first, last = float(values[0]), float(values[-1])
+    rel = f" ({(last - first) / abs(first):+.1%})" if first != 0 else ""
+    return f"{label}: {first:.4g} → {last:.4g}{rel}"
+
+
+def _curve_fig(series: dict[str, Sequence[float]], xlabel: str = "epoch", ylabel: str = "", title: str = ""
+               ) -> Figure:
+    """One line per series over epochs 1, 2, ... The y axis starts at 0 when no value is negative; otherwise it
+    fits the data and the first and last values are written on the curve. The title gives each series' change."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
+    notes, everything, ends = [], [], []
+    for label, ys in series.items():
+        ys = np.asarray(list(ys), dtype=float)
+        xs = np.arange(1, len(ys) + 1)
+        (line,) = ax.plot(xs, ys, label=label, marker="o" if len(ys) <= 30 else None, ms=3)
+        finite = np.isfinite(ys)
+        everything.append(ys[finite])
+        notes.append(_change(label, ys[finite]))
+        if finite.any():
+            xs, ys = xs[finite], ys[finite]
+            ends += [(xs[0], ys[0], line.get_color()), (xs[-1], ys[-1], line.get_color())][:len(xs)]
+    notes = [n for n in notes if n]
+    values = np.concatenate(everything) if everything else np.empty(0)
+    _from_zero(ax, values, headroom=1.08)
+    if values.size and values.min() < 0:  # no anchor at 0: write the end values so the scale cannot mislead
+        ax.margins(y=0.12)  # room for them inside the frame
+        for x, y, color in ends:
+            ax.annotate(f"{y:.4g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7,
+                        color=color)
+    ax.set_title("\n".join([title or ylabel or "curve", *notes]), fontsize=10 if not notes else 9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def curve_figure(path: str | Path, series: dict[str, Sequence[float]], xlabel: str = "epoch",
-                 ylabel: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for label, ys in series.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+                 ylabel: str = "", title: str = "") -> Path:
+    """Write `_curve_fig`: titled, labelled curves over integer epochs with an honest y axis."""
+    return _save(_curve_fig(series, xlabel, ylabel, title), path)
 
 
-def bar_figure(path: str | Path, groups: dict[str, dict[str, float]], ylabel: str = "") -> Path:
-    """Grouped bars: one group per key of `groups`, one bar per inner key (the same inner keys in every group)."""
+def _bar_fig(groups: dict[str, dict[str, float]], ylabel: str = "", title: str = "", xlabel: str = "") -> Figure:
     labels = list(next(iter(groups.values())))
     x, width = np.arange(len(groups)), 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 3.4))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups), 3.8), layout="constrained")
     for k, label in enumerate(labels):
-        ax.bar(x + k * width, [g[label] for g in groups.values()], width, label=label)
+        bars = ax.bar(x + k * width, [g[label] for g in groups.values()], width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(x + width * (len(labels) - 1) / 2, list(groups))
+    _from_zero(ax, [v for g in groups.values() for v in g.values()], headroom=1.15)  # room for the values
+    ax.set_title(title or ylabel, fontsize=10)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def bar_figure(path: str | Path, groups: dict[str, dict[str, float]], ylabel: str = "", title: str = "",
+               xlabel: str = "") -> Path:
+    """Grouped bars: one group per key of `groups`, one bar per inner key (the same inner keys in every group),
+    each bar's value written on it, the y axis from 0."""
+    return _save(_bar_fig(groups, ylabel, title, xlabel), path)

@@ -20,7 +20,8 @@ from utils.training import Recipe
 
 
 class AblationRecipe(Recipe):
-    """Clean warm-up epochs, then every step on a fresh ablation of the batch (DESIGN §6, PAPER.md §3.4).
+    """Clean warm-up epochs, then every step on a fresh ablation of the batch
+    (the paper: 20 clean epochs, then 780 ablated).
 
     A crop keeps the same fraction of its units as `keep` is of a whole image of `reference_units` (the mean
     test image), so the density of kept units, and hence the scale of each one's contribution to the count,
@@ -80,7 +81,7 @@ class AblationRecipe(Recipe):
 
 
 def kappa(epoch: int, epochs: int, spec: str | float) -> float:
-    """Weight κ of the clean loss at `epoch` (0-based): a constant, or `paper` (PAPER.md §4): 1 for epochs 0–49,
+    """Weight κ of the clean loss at `epoch` (0-based): a constant, or `paper` (the paper's code): 1 for epochs 0–49,
     then linear down to 0.5 at epoch 399, then 0.5, with the 800-epoch axis stretched onto `epochs`."""
     if spec != "paper":
         try:
@@ -95,7 +96,7 @@ def kappa(epoch: int, epochs: int, spec: str | float) -> float:
 
 
 class AdversarialRecipe(Recipe):
-    """Adversarial training with a universal patch that co-evolves with the model (PAPER.md §4): each step runs
+    """Adversarial training with a universal patch that co-evolves with the model (the paper's ADT): each step runs
     `attack_steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·loss(patched) + κ·loss(clean).
 
     Validation: clean MAE / RMSE, and MAE / RMSE under a fresh APAM patch with the same budget every epoch

@@ -36,6 +36,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that is a fixed function of `keys` (e.g. run seed, epoch, item): random draws keyed this way
+    are the same whatever the order, worker process or resume point that reaches them."""
+    return int(np.random.SeedSequence([k % 2**32 for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def derived_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded with `derived_seed(*keys)`."""
+    return torch.Generator().manual_seed(derived_seed(*keys))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -3,6 +3,7 @@ best/last. What a step minimises and how an epoch is validated is a `Recipe` (pl
 from __future__ import annotations
 
 import argparse
+import math
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.metrics import mae
 from utils.plots import curve_figure
-from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.runtime import derived_generator, pick_device, prepare_model, seed_everything
 
 # train.py's defaults: MCNN on the synthetic crowds reaches ~0.2x the mean-count baseline MAE in ~3 CPU minutes
 DEFAULTS = {"epochs": 40, "batch_size": 4, "crop": 128, "lr": 1e-3}
@@ -49,42 +50,54 @@ class Recipe:
 
 def setup(args: argparse.Namespace, script: str, erase: float = 0.0
           ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset]:
-    """What every training script does first: run folder, device, seed, model, train (crops) and test sets."""
-    if args.resume and args.out is None:
-        raise ToolkitError("--resume needs --out, the run folder holding last.pt")
+    """What every training script does first: device, seed, model, train (crops) and test sets, then the run
+    folder (claimed only once the inputs are known to be good)."""
     train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
     if train_root is None or test_root is None:
         raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
-    out = cli.run_dir(args, script)
     device = pick_device(args.device)
     seed_everything(args.seed)
     model = build(args.model, args.weights)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase)
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
+    out = cli.run_dir(args, script, device, train_data=train_root, test_data=test_root)
     return out, device, model, train_set, test_set
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate annealed from its initial value to 0 over `epochs` by a half cosine, in closed form, so a run
+    resumed with more epochs continues on the longer schedule's curve."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs)))
 
 
 def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset, out: Path, *, epochs: int,
         batch_size: int, lr: float, device: torch.device, weight_decay: float = 0.0, amp: bool = True,
-        workers: int = 0, resume: bool = False, record: dict | None = None, recipe: Recipe | None = None) -> dict:
+        workers: int = 0, resume: bool = False, record: dict | None = None, recipe: Recipe | None = None,
+        seed: int = 0, figure_format: str = "png") -> dict:
     """Train `model` on random crops of `train_set` by `recipe` (plain by default), validate on `test_set` every
-    epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json."""
+    epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json.
+
+    Epoch e's batch order and crops are a function of (`seed`, e): a resumed run trains exactly as an
+    uninterrupted one. The curves go to curves.<figure_format> and test_mae.<figure_format> (png, pdf or svg)."""
     recipe = recipe or Recipe()
     train_counts = train_set.counts()
-    if hasattr(model, "level_width"):  # CMTL's density levels span the training counts (MODELS.md §2.2)
+    if hasattr(model, "level_width"):  # CMTL's 10 density-level classes split the training counts
         model.level_width.fill_(max(float(train_counts.max()) / 10, 1.0))
     model = prepare_model(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    scheduler = cosine_schedule(optimizer, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        drop_last=len(train_set) > batch_size, pin_memory=device.type == "cuda")
+
+    def loader(epoch: int) -> DataLoader:
+        train_set.set_epoch(epoch, seed)
+        return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=derived_generator(seed, epoch),
+                          num_workers=workers, drop_last=len(train_set) > batch_size,
+                          pin_memory=device.type == "cuda")
 
     start, history, best = 0, [], float("inf")
     if resume:
-        if not (out / "last.pt").is_file():
-            raise ToolkitError(f"nothing to resume: {out / 'last.pt'} does not exist")
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         recipe.load_state_dict(state.get("recipe", {}))
@@ -93,7 +106,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
 
     baseline = mae(np.full(len(test_set), train_counts.mean()), test_set.counts())
     for epoch in range(start, epochs):
-        loss = train_one_epoch(model, loader, optimizer, device, scaler, amp, partial(recipe.loss, epoch=epoch),
+        loss = train_one_epoch(model, loader(epoch), optimizer, device, scaler, amp, partial(recipe.loss, epoch=epoch),
                                desc=f"epoch {epoch + 1}")
         scheduler.step()
         metrics, rows = recipe.validate(model, test_set, device, amp, epoch)
@@ -120,12 +133,14 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
                "mae_over_baseline": last["mae"] / max(baseline, 1e-12),
                "train_images": len(train_set), "test_images": len(test_set)}
     save_json(out / "metrics.json", summary)
-    curve_figure(out / "curves.png", {"train loss": [h["loss"] for h in history]}, ylabel="loss")
-    curve_figure(out / "test_mae.png", {"test MAE": [h["mae"] for h in history],
-                                        "mean-count baseline": [baseline] * len(history)}, ylabel="MAE")
+    curve_figure(out / f"curves.{figure_format}", {"train loss": [h["loss"] for h in history]},
+                 ylabel="training loss (epoch mean)", title=f"training loss per epoch ({model.name})")
+    curve_figure(out / f"test_mae.{figure_format}", {"test MAE": [h["mae"] for h in history],
+                                                     "mean-count baseline": [baseline] * len(history)},
+                 ylabel="MAE (people)", title=f"test MAE per epoch ({model.name}, {len(test_set)} images)")
     if best_row is None:  # e.g. adversarial training with kappa 1 throughout: no epoch may become best.pt
-        print(f"no epoch was eligible for best.pt (validation MAE undefined); last.pt in {out}")
+        print("no epoch was eligible for best.pt (validation MAE undefined); only last.pt was written")
     else:
         print(f"test MAE {last['mae']:.2f} vs mean-count baseline {baseline:.2f} "
-              f"(ratio {summary['mae_over_baseline']:.3f}); run folder {out}")
+              f"(ratio {summary['mae_over_baseline']:.3f})")
     return summary

@@ -1,0 +1,218 @@
+"""Run folders: a new run never lands on an earlier one, a resumed run keeps the settings it recorded, and a run
+that fails before doing any work leaves nothing behind.
+
+A run folder holds `args.json`: the run's settings as resolved (device, data folders, patch side, ...), the
+libraries and git commit it ran with, and one entry per resume.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from utils.errors import ToolkitError
+from utils.io import plain, save_json
+
+RECORD = "args.json"
+# Where and how a run executes, not what it computes: these may differ when a run is resumed.
+RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format"})
+REPO = Path(__file__).resolve().parents[1]
+
+_current: dict | None = None  # the run folder this process works in: {"out", "created", "resumed"}
+command: str | None = None  # the command line, when a script runs through `utils.cli.run`
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The run's settings as plain JSON values (private attributes such as the given-flag set left out)."""
+    return {k: plain(v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def read_record(out: Path) -> dict:
+    path = out / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ToolkitError(f"{out} holds no {RECORD}: not a run folder of this toolkit") from None
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"cannot read {path}: {e}") from None
+    if not isinstance(record, dict):
+        raise ToolkitError(f"{path} does not hold a run's settings")
+    return record
+
+
+def _flag(action: argparse.Action) -> str:
+    return max(action.option_strings, key=len) if action.option_strings else action.dest
+
+
+def _restore(action: argparse.Action, value):
+    """A recorded JSON value back in the flag's type (paths were recorded as strings)."""
+    if value is None or action.type is None:
+        return value
+    convert = (lambda v: action.type(v) if isinstance(v, str) else v)  # noqa: E731
+    return [convert(v) for v in value] if isinstance(value, list) else convert(value)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return a == b
+
+
+def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every setting taken from the run in `args.out`; a flag given on the command line that
+    contradicts the recorded value is an error, except a larger `--epochs`, which extends the run."""
+    if args.out is None:
+        raise ToolkitError("--resume needs --out, the run folder holding last.pt")
+    if not (args.out / "last.pt").is_file():
+        raise ToolkitError(f"nothing to resume: {args.out / 'last.pt'} does not exist")
+    recorded = read_record(args.out)
+    given = getattr(args, "_given", frozenset())
+    merged = argparse.Namespace(**vars(args))
+    for action in parser._actions:
+        dest = action.dest
+        if dest in RUN_CONTROL or dest not in recorded:
+            continue
+        old, new = _restore(action, recorded[dest]), getattr(args, dest)
+        if dest not in given or _same(new, old):
+            setattr(merged, dest, old)
+        elif not (dest == "epochs" and new > old):
+            raise ToolkitError(f"{_flag(action)} {new} contradicts the run being resumed ({_flag(action)} {old} in "
+                               f"{args.out / RECORD}); leave it out to continue that run, or start a new one elsewhere")
+    return merged
+
+
+def environment() -> dict:
+    """Library versions, interpreter, host and git commit of this process."""
+    import numpy
+    import torch
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "host": platform.node(), "git_commit": git_commit(),
+            "command": command}
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD, with `+dirty` when tracked files differ from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    for p in missing:
+        try:
+            p.mkdir()
+        except FileExistsError:
+            if not p.is_dir():
+                raise ToolkitError(f"cannot create the run folder {path}: {p} is a file") from None
+    return missing
+
+
+def _new_default(parent: Path) -> tuple[Path, list[Path]]:
+    """A fresh runs/<script>/<timestamp>[-n] folder: never one that another run already took."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    created = _make_dirs(parent)
+    for n in range(1000):
+        out = parent / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out, [*created, out]
+    raise ToolkitError(f"cannot find a free run folder name under {parent}")
+
+
+def _claim(out: Path, overwrite: bool) -> list[Path]:
+    """Make `out` ready for a new run: new, empty, or (with `overwrite`) an earlier run emptied."""
+    if out.exists() and not out.is_dir():
+        raise ToolkitError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / RECORD).is_file():
+            raise ToolkitError(f"--out {out} is a folder that is not empty and holds no run ({RECORD}); choose a new "
+                               "or empty folder")
+        if not overwrite:
+            raise ToolkitError(f"{out} already holds a run: --resume continues it, --overwrite starts it again "
+                               "(deleting its files); or choose another --out")
+        print(f"--overwrite: deleting the earlier run in {out}")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    return _make_dirs(out)
+
+
+def start(args: argparse.Namespace, script: str, extra: dict | None = None) -> Path:
+    """Claim the run folder (`args.out`, default a new runs/<script>/<timestamp>) and write its args.json: the
+    settings as resolved, `extra` resolved values, and the environment; a resume appends to the record."""
+    global _current
+    resume = bool(getattr(args, "resume", False))
+    if resume:
+        previous = read_record(args.out)
+        created = []
+    elif args.out is None:
+        args.out, created = _new_default(Path("runs") / script)
+    else:
+        created = _claim(args.out, bool(getattr(args, "overwrite", False)))
+    _current = {"out": args.out, "created": created, "resumed": resume}
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    record = {"script": script, **settings(args), **(extra or {})}
+    if resume:
+        resumes = previous.get("resumes", []) + [{"time": now, "epochs": getattr(args, "epochs", None),
+                                                   "environment": environment()}]
+        record.update(started=previous.get("started"), environment=previous.get("environment"), resumes=resumes)
+    else:
+        record.update(started=now, environment=environment())
+    save_json(args.out / RECORD, record)
+    return args.out
+
+
+def claim_file(path: Path, suffixes: tuple[str, ...], overwrite: bool = False) -> Path:
+    """Check that a single output file can be written at `path`: a known suffix, not a folder, and not an existing
+    file unless `overwrite`. The parent folder is created when the file is written."""
+    if path.is_dir():
+        raise ToolkitError(f"--out {path} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if path.suffix.lower() not in suffixes:
+        raise ToolkitError(f"--out {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.exists() and not overwrite:
+        raise ToolkitError(f"{path} already exists; add --overwrite to replace it")
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise ToolkitError(f"--out {path}: a parent of it is a file")
+    return path
+
+
+def discard_unstarted() -> bool:
+    """Remove the run folder this process created if it holds nothing but args.json (a run that failed before
+    doing any work), and the parent folders created for it; True if it did."""
+    global _current
+    run, _current = _current, None
+    if run is None or run["resumed"] or not run["out"].is_dir():
+        return False
+    out = run["out"]
+    if any(p.is_file() and p.name != RECORD for p in out.rglob("*")):
+        return False
+    (out / RECORD).unlink(missing_ok=True)
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
+        folder.rmdir()
+    for folder in reversed(run["created"]):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else lives there
+            break
+    return True
+
+
+def current() -> Path | None:
+    """The run folder this process works in, if any."""
+    return None if _current is None else _current["out"]
