@@ -209,9 +209,10 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
         if isinstance(e, ToolkitError):
             _fail(parser.prog, str(e))
         if isinstance(e, OSError):
-            _fail(parser.prog, f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+            _fail(parser.prog, f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
         if isinstance(e, KeyboardInterrupt):
-            if out is not None and (out / "last.pt").is_file():
+            resumable = any("--resume" in a.option_strings for a in parser._actions)
+            if resumable and out is not None and (out / "last.pt").is_file():
                 hint = f"continue with: python {parser.prog} --out {out} --resume"
             elif out is not None and not discarded:
                 hint = f"what was written is in {out}"

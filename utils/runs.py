@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from utils.errors import ToolkitError
-from utils.io import plain, save_json
+from utils.io import load_checkpoint, plain, save_json
 
 RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
@@ -63,13 +63,13 @@ def _same(a, b) -> bool:
 
 
 def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with every setting taken from the run in `args.out`; a flag given on the command line that
-    contradicts the recorded value is an error, except a larger `--epochs`, which extends the run."""
+    """`args` with every setting taken from the checkpoint of the run in `args.out` (last.pt); a flag given on the
+    command line that contradicts the recorded value is an error, except a larger `--epochs`, which extends it."""
     if args.out is None:
         raise ToolkitError("--resume needs --out, the run folder holding last.pt")
     if not (args.out / "last.pt").is_file():
         raise ToolkitError(f"nothing to resume: {args.out / 'last.pt'} does not exist")
-    recorded = read_record(args.out)
+    recorded = load_checkpoint(args.out / "last.pt").get("args", {})
     given = getattr(args, "_given", frozenset())
     merged = argparse.Namespace(**vars(args))
     for action in parser._actions:
@@ -81,7 +81,8 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             setattr(merged, dest, old)
         elif not (dest == "epochs" and new > old):
             raise ToolkitError(f"{_flag(action)} {new} contradicts the run being resumed ({_flag(action)} {old} in "
-                               f"{args.out / RECORD}); leave it out to continue that run, or start a new one elsewhere")
+                               f"{args.out / 'last.pt'}); leave it out to continue that run, or start a new one "
+                               "elsewhere")
     return merged
 
 
@@ -119,6 +120,8 @@ def _make_dirs(path: Path) -> list[Path]:
         except FileExistsError:
             if not p.is_dir():
                 raise ToolkitError(f"cannot create the run folder {path}: {p} is a file") from None
+        except OSError as e:
+            raise ToolkitError(f"cannot create the run folder {path}: {e.strerror}") from None
     return missing
 
 
