@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from datasets.crowd import CrowdDataset
 from utils import cli, runs
 from utils.attack import DEFAULT_SIDE, TARGETS, APAMConfig
-from utils.errors import ToolkitError
 from utils.io import save_json
-from utils.patch import SHAPES, PatchTransform, make_mask, random_patch
-from utils.recipes import AdversarialRecipe
-from utils.training import fit, setup
+from utils.recipes import ADVERSARIAL_DEFAULTS, adversarial_recipe
+from utils.training import fit
 from utils.victims import synthetic_victim
 
-# Synthetic default: fine-tune the cached victim for a few epochs within 10 CPU minutes on 2 cores
-DEFAULTS = {"epochs": 6, "batch_size": 4, "crop": 128, "lr": 1e-4}
+DEFAULTS = ADVERSARIAL_DEFAULTS  # on the synthetic default: fine-tunes the cached victim in a few CPU minutes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,23 +29,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     cli.add_training_args(parser, DEFAULTS)
     group = parser.add_argument_group("adversarial training")
-    group.add_argument("--kappa", default="paper",
+    group.add_argument("--kappa", default=DEFAULTS["kappa"],
                        help="weight κ of the clean loss: a constant in [0, 1], or 'paper': 1 for the first 1/16 of "
                             "the epochs, then linearly down to 0.5 at half of them, then 0.5")
-    group.add_argument("--attack-steps", type=int, default=5, help="APAM updates of the patch per training step")
+    group.add_argument("--attack-steps", type=int, default=DEFAULTS["attack_steps"],
+                       help="APAM updates of the patch per training step")
     group.add_argument("--target", default="pred-scale", choices=TARGETS,
                        help="the attack's objective, as in patch_attack.py; the paper's: gt-scale with --tau -1")
     group.add_argument("--tau", type=float, default=10.0, help="target scale τ for pred-scale and gt-scale")
-    group.add_argument("--attack-lr", type=cli.positive_float, default=0.001,
+    group.add_argument("--attack-lr", type=cli.positive_float, default=DEFAULTS["attack_lr"],
                        help="APAM step η, in [0, 1] pixel units (at 0.01 the co-evolving patch grows so strong that "
                             "the model learns to undercount everything)")
-    group.add_argument("--patch-size", type=cli.positive_int, default=DEFAULT_SIDE,
-                       help="side of the training and validation patches, in pixels")
-    group.add_argument("--patch-shape", default="circle", choices=SHAPES, help="mask of the patch")
-    group.add_argument("--val-attack-epochs", type=cli.positive_int, default=6,
+    group.add_argument("--val-attack-epochs", type=cli.positive_int, default=DEFAULTS["val_epochs"],
                        help="passes of each fresh validation patch over crops of the test images")
-    group.add_argument("--val-attack-restarts", type=cli.positive_int, default=2,
+    group.add_argument("--val-attack-restarts", type=cli.positive_int, default=DEFAULTS["val_restarts"],
                        help="fresh validation patches per epoch; the strongest counts")
+    group = parser.add_argument_group("patch (of the attack during training and of the validation probes)")
+    group.add_argument("--patch-size", type=cli.positive_int, default=DEFAULT_SIDE, help="patch side, in pixels")
+    cli.add_patch_args(parser, group)
     cli.add_run_args(parser)
     return parser
 
@@ -59,19 +54,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     if args.weights is None and not (args.data or args.train_data or args.test_data):
         args.weights = synthetic_victim(args.model)  # the synthetic default fine-tunes the undefended model
-    out, device, model, train_set, test_set = setup(args, "adv_train")
-    smallest = min(train_set.smallest_side(), test_set.smallest_side())
-    if args.patch_size > smallest:
-        raise ToolkitError(f"patch side {args.patch_size} is larger than the smallest crop or test image ({smallest})")
-    gen = torch.Generator().manual_seed(args.seed)
-    config = APAMConfig(target=args.target, tau=args.tau, lr=args.attack_lr, transform=PatchTransform())
-    attack_set = CrowdDataset.for_model(test_set.root, model, density=args.density, crop=args.crop,
-                                        max_images=args.max_test_images)
-    val_attack = {"attack_set": attack_set, "epochs": args.val_attack_epochs, "restarts": args.val_attack_restarts,
-                  "seed": args.seed}
-    recipe = AdversarialRecipe(random_patch(args.patch_size, gen).to(device), make_mask(args.patch_size,
-                               args.patch_shape), config, args.attack_steps, args.kappa, args.epochs, val_attack, gen,
-                               args.amp)
+    out, device, model, train_set, test_set = cli.training_setup(args, "adv_train")
+    spec = cli.patch_spec(args, args.patch_size)
+    spec.check_fits(train_set.smallest_side(), "the training crops")
+    spec.check_fits(test_set.smallest_side(), "the smallest test image")
+    config = APAMConfig(target=args.target, tau=args.tau, lr=args.attack_lr)
+    recipe = adversarial_recipe(model, test_set, spec, config, crop=args.crop, attack_steps=args.attack_steps,
+                                kappa_spec=args.kappa, epochs=args.epochs, val_epochs=args.val_attack_epochs,
+                                val_restarts=args.val_attack_restarts, seed=args.seed, device=device, amp=args.amp)
     start = None
     if not args.resume:
         model.to(device)

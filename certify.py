@@ -5,9 +5,10 @@ d units). For a patch of side s covering ρ units (3s² elements or s² pixels),
 far the patch can move the ablated-count distribution, so the attacked median lies in [L, U] (order statistics of
 the N clean samples) with confidence 1 − α. Tight-MAE / MSE (our definition): per image with true count c the worst
 error inside the certificate, max(|L − c|, |U − c|); its mean / root mean square over the certified images.
+The ablation (k, unit, fill) is the one the model's checkpoint records; --keep, --unit and --fill override it.
 
     python certify.py --model mcnn --weights runs/certify_train/<run>/best.pt \\
-        --data ShanghaiTech/part_A_final/test_data --keep 45
+        --data ShanghaiTech/part_A_final/test_data
     python certify.py --bound-table --d 2150400 --keep 45 --patch-sizes 20 40 81 163
 """
 from __future__ import annotations
@@ -19,13 +20,15 @@ import torch
 
 from datasets.crowd import CrowdDataset
 from models import build
+from models.weights import read_weights_file
 from utils import cli
-from utils.ablation import FILL, UNITS, units_per_image
+from utils.ablation import AblationSpec
 from utils.certify import bound_table, certify_dataset
 from utils.errors import ToolkitError
-from utils.io import load_checkpoint, save_csv, save_json
+from utils.io import save_csv, save_json
+from utils.patch import PatchSpec, PatchTransform
 from utils.plots import interval_figure
-from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.runtime import pick_device, prepare_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -37,14 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "ShanghaiTech/part_A_final/test_data (not the dataset root); omitted: the test_data/ "
                             f"split of {cli.SYNTHETIC}")
     group.add_argument("--max-images", type=cli.positive_int, help="certify only the first N images")
+    cli.add_ablation_args(parser, trained=False)
     group = parser.add_argument_group("certificate")
-    group.add_argument("--keep", type=cli.positive_int, default=45,
-                       help="units kept per ablation (k), as the model was trained with")
-    group.add_argument("--unit", default="element", choices=UNITS,
-                       help="ablation unit: element (one of the 3·H·W values) or pixel (one pixel, its 3 channels "
-                            "together), as the model was trained with")
-    group.add_argument("--fill", type=cli.unit_interval, default=FILL,
-                       help="value of the ablated units, in [0, 1] pixel units")
     group.add_argument("--samples", type=int, default=1000, help="ablations per image (N)")
     group.add_argument("--alpha", type=float, default=0.05, help="1 − confidence of the ablation certificate")
     group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, 40, 81, 163],
@@ -72,14 +69,13 @@ def print_bound_table(d: int, keep: int, sides: list[int], unit: str) -> list[di
     return rows
 
 
-def _warn_if_not_ablation_trained(weights: Path) -> None:
-    if Path(weights).suffix.lower() in (".h5", ".hdf5"):
-        print("warning: these weights were not trained with ablation; the certificate holds but will be loose")
-        return
-    state = load_checkpoint(weights)
-    if "keep" not in state.get("args", {}):
-        print(f"warning: {weights} was not trained with ablation (no keep in its arguments); "
-              "the certificate holds but will be loose")
+def trained_ablation(weights: Path) -> AblationSpec | None:
+    """The ablation a checkpoint of ours records; None (with a warning) for weights not trained with ablation."""
+    state = read_weights_file(Path(weights))
+    trained = AblationSpec.from_checkpoint(state) if isinstance(state, dict) and "state_dict" in state else None
+    if trained is None:
+        print(f"warning: {weights} was not trained with ablation; the certificate holds but will be loose")
+    return trained
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -90,28 +86,25 @@ def main(args: argparse.Namespace) -> dict:
     if args.bound_table:
         if args.d is None:
             raise ToolkitError("--bound-table needs --d, the number of units")
-        return {"bound_table": print_bound_table(args.d, args.keep, args.patch_sizes, args.unit)}
+        spec = cli.ablation_spec(args, None)
+        return {"bound_table": print_bound_table(args.d, spec.keep, args.patch_sizes, spec.unit)}
 
     if args.weights is None:
         raise ToolkitError("--weights is required: the model to certify (e.g. runs/certify_train/<run>/best.pt)")
     device = pick_device(args.device)
     model = build(args.model, args.weights)
-    _warn_if_not_ablation_trained(args.weights)
+    spec = cli.ablation_spec(args, trained_ablation(args.weights))
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, max_images=args.max_images)
-    smallest = dataset.smallest_side()
-    fewest = min(units_per_image((3, *hw), args.unit) for hw in dataset.sizes())
-    if args.keep > fewest:
-        raise ToolkitError(f"keep must lie in 1..{fewest} (the number of units of the smallest image), got {args.keep}")
-    if max(args.patch_sizes) > smallest:
-        raise ToolkitError(f"patch side {max(args.patch_sizes)} is larger than the smallest image side ({smallest})")
-    seed_everything(args.seed)
-    out = cli.run_dir(args, "certify", device, data=split)
+    spec.check_fits(dataset.sizes())
+    for side in args.patch_sizes:  # the threat: an s×s square anywhere
+        PatchSpec(side, "square", PatchTransform.none()).check_fits(dataset.smallest_side(), "the smallest image side")
+    out = cli.run_dir(args, "certify", device, data=split, keep=spec.keep, unit=spec.unit, fill=spec.fill)
     model = prepare_model(model, device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    rows, metrics = certify_dataset(model, dataset, args.keep, args.samples, args.patch_sizes, args.alpha, args.unit,
-                                    args.fill, args.batch_size, device, args.amp, generator)
+    rows, metrics = certify_dataset(model, dataset, spec, args.samples, args.patch_sizes, args.alpha, args.batch_size,
+                                    device, args.amp, generator)
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     interval_figure(out / f"intervals.{args.figure_format}", rows, args.patch_sizes)

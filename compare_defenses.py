@@ -3,7 +3,7 @@ the same APAM attack: per model clean MAE / RMSE and attacked MAE / RMSE per pat
 smoothed count, attacked with an expectation over ablations), and for RA the certified fraction and tight-MAE / MSE.
 Writes comparison.md, metrics.json and a comparison figure.
 
-    python compare_defenses.py          # synthetic crowds: trains the three MCNNs with short schedules (~13 CPU min)
+    python compare_defenses.py          # synthetic crowds: trains the two defended MCNNs with short schedules
     python compare_defenses.py --vanilla V.pt --adv A.pt --ra R.pt --data ShanghaiTech/part_A_final \\
         --patch-sizes 20 40 81 163 --attack-epochs 6 --samples 1000
 """
@@ -14,28 +14,29 @@ from pathlib import Path
 
 import torch
 
-import MCNN_adv_train
-import MCNN_certify_train
-import train
 from datasets.crowd import CrowdDataset
 from models import MODEL_NAMES, build, canonical_name
 from utils import cli
-from utils.ablation import ablate, mean_units, scaled_keep
-from utils.attack import DEFAULT_SIDE, attack_metrics
+from utils.ablation import AblationSpec
+from utils.attack import DEFAULT_SIDE, APAMConfig, attack_metrics
 from utils.certify import SmoothedCounter, certify_dataset
 from utils.errors import ToolkitError
 from utils.io import atomic_write, load_checkpoint, save_json
-from utils.patch import PatchTransform, footprint_side, make_mask
 from utils.plots import bar_figure
-from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.recipes import ABLATION_DEFAULTS, ADVERSARIAL_DEFAULTS, ablation_recipe, adversarial_recipe
+from utils.runtime import pick_device, prepare_model
+from utils.training import DEFAULTS as PLAIN_DEFAULTS
+from utils.training import fit
 from utils.victims import synthetic_victim
 
 KINDS = ("vanilla", "adv", "ra")
-# The synthetic default's shorter schedules and smaller test set, printed with the table
-SHORT = {"adv": ["--epochs", "6", "--val-attack-restarts", "1"], "ra": ["--epochs", "8", "--warmup-epochs", "2"]}
-SHORT_TEST_IMAGES = 20
+LABELS = {"vanilla": "undefended", "adv": "adversarial training", "ra": "randomized ablation"}
+# On the synthetic default: shorter schedules and a smaller test set, so the whole comparison takes minutes
+SHORT = {"adv_epochs": 6, "adv_val_restarts": 1, "ra_epochs": 8, "ra_warmup_epochs": 2, "max_test_images": 20}
+LONG = {"adv_epochs": ADVERSARIAL_DEFAULTS["epochs"], "adv_val_restarts": ADVERSARIAL_DEFAULTS["val_restarts"],
+        "ra_epochs": ABLATION_DEFAULTS["epochs"], "ra_warmup_epochs": ABLATION_DEFAULTS["warmup_epochs"],
+        "max_test_images": None}
 VICTIM = "the cached victim (train.py defaults, random erasing)"
-PROBE_SHAPE = "circle"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,16 +44,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models (checkpoints of these scripts, or original weight files)")
     models.add_argument("--model", default="mcnn", type=canonical_name, choices=MODEL_NAMES,
                         help="network architecture of all three models (case-insensitive)")
+    omitted = ("trained here as train.py does (with no data given: the cached victim)",
+               "trained here as MCNN_adv_train.py does, starting from --vanilla",
+               "trained here as MCNN_certify_train.py does")
+    for kind, how in zip(KINDS, omitted, strict=True):
+        models.add_argument(f"--{kind}", type=Path, help=f"weights of the {LABELS[kind]} model; omitted: {how}")
     cli.add_data_args(parser)
-    omitted = ("trained here with train.py (with no data given: the cached victim)",
-               "trained here with MCNN_adv_train.py, starting from --vanilla",
-               "trained here with MCNN_certify_train.py")
-    for kind, what, how in zip(KINDS, ("undefended", "adversarially trained", "ablation-trained (RA)"), omitted,
-                               strict=True):
-        models.add_argument(f"--{kind}", type=Path, help=f"weights of the {what} model; omitted: {how}")
-    group = parser.add_argument_group("attack (probe patches, circles, optimised per model)")
+    group = parser.add_argument_group("training (of the models not given; omitted: the scripts' defaults, or the "
+                                      "shorter schedules of the synthetic default)")
+    group.add_argument("--adv-epochs", type=cli.positive_int,
+                       help=f"adversarial training epochs ({SHORT['adv_epochs']} on the synthetic default, else "
+                            f"{LONG['adv_epochs']})")
+    group.add_argument("--adv-val-restarts", type=cli.positive_int, help="validation probe patches per epoch of "
+                       f"adversarial training ({SHORT['adv_val_restarts']} / {LONG['adv_val_restarts']})")
+    group.add_argument("--ra-epochs", type=cli.positive_int,
+                       help=f"ablation training epochs ({SHORT['ra_epochs']} / {LONG['ra_epochs']})")
+    group.add_argument("--ra-warmup-epochs", type=int, help="clean epochs before ablation starts "
+                       f"({SHORT['ra_warmup_epochs']} / {LONG['ra_warmup_epochs']})")
+    group = parser.add_argument_group("attack (probe patches, optimised per model)")
     group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, DEFAULT_SIDE],
-                       help="sides of the probe patches, in pixels")
+                       help="sides of the probe patches, in pixels (adversarial training uses the largest)")
+    cli.add_patch_args(parser, group, placement=False)
     group.add_argument("--attack-epochs", type=cli.positive_int, default=6,
                        help="passes of each probe patch over crops of the train split (of the test split when "
                             "there is no train split)")
@@ -65,31 +77,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="ablations per image for RA's smoothed (median) count under attack")
     group.add_argument("--eot", type=cli.positive_int, default=2,
                        help="ablations per crop in each attack step on RA (expectation over ablations)")
+    cli.add_ablation_args(parser, trained=False)
     group = parser.add_argument_group("certificate (RA model)")
-    group.add_argument("--keep", type=cli.positive_int,
-                       help="units kept per ablation (k); omitted: read from the --ra checkpoint's training arguments")
     group.add_argument("--samples", type=cli.positive_int, default=100, help="ablations per image (N)")
     group.add_argument("--alpha", type=float, default=0.05, help="1 − confidence of the ablation certificate")
     cli.add_run_args(parser)
     return parser
-
-
-def _train(kind: str, args: argparse.Namespace, out: Path) -> Path:
-    """Checkpoint of `kind` trained by its script, with the short schedules on the synthetic default."""
-    data = [f for flag in ("data", "train_data", "test_data") if getattr(args, flag)
-            for f in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
-    common = ["--model", args.model, *data, "--device", args.device, "--seed", str(args.seed), "--out"]
-    if kind == "vanilla":
-        if not data:
-            return synthetic_victim(args.model, pick_device(args.device))
-        train.main(train.get_args_parser().parse_args([*common, str(out / kind)]))
-        return out / kind / "best.pt"
-    script = MCNN_adv_train if kind == "adv" else MCNN_certify_train
-    extra = list(SHORT[kind]) if not data else []
-    if kind == "adv":
-        extra += ["--weights", str(args.vanilla), "--patch-size", str(max(args.patch_sizes))]
-    script.main(script.get_args_parser().parse_args([*common, str(out / kind), *extra]))
-    return out / kind / "best.pt"
 
 
 def _check_architectures(args: argparse.Namespace) -> None:
@@ -103,59 +96,82 @@ def _check_architectures(args: argparse.Namespace) -> None:
                                "architecture (--model)")
 
 
-def _ablation_of(path: Path, keep: int | None) -> tuple[int, str]:
-    """(k, unit) of the RA model: `--keep`, else what its checkpoint's training arguments say."""
-    recorded = load_checkpoint(path).get("args", {})
-    keep = keep or recorded.get("keep")
-    if keep is None:
-        raise ToolkitError(f"--ra {path} does not record its keep (not from MCNN_certify_train.py); pass --keep")
-    return keep, recorded.get("unit", "element")
+def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: Path, test_root: Path,
+           synthetic: bool, out: Path, device: torch.device) -> Path:
+    """Checkpoint of `kind` trained here, as its script trains it (with --adv-epochs etc. in place of --epochs)."""
+    if kind == "vanilla" and synthetic:
+        return synthetic_victim(args.model, device)
+    defaults = {"vanilla": PLAIN_DEFAULTS, "adv": ADVERSARIAL_DEFAULTS, "ra": ABLATION_DEFAULTS}[kind]
+    model = build(args.model, checkpoints["vanilla"] if kind == "adv" else None, seed=args.seed)
+    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=defaults["crop"])
+    test_set = CrowdDataset.for_model(test_root, model, density=args.density)
+    epochs, recipe = defaults["epochs"], None
+    if kind == "adv":
+        epochs = args.adv_epochs
+        spec = cli.patch_spec(args, max(args.patch_sizes))
+        recipe = adversarial_recipe(model, test_set, spec, APAMConfig(lr=defaults["attack_lr"]), crop=defaults["crop"],
+                                    attack_steps=defaults["attack_steps"], kappa_spec=defaults["kappa"], epochs=epochs,
+                                    val_epochs=defaults["val_epochs"], val_restarts=args.adv_val_restarts,
+                                    seed=args.seed, device=device, amp=args.amp)
+    elif kind == "ra":
+        epochs, spec = args.ra_epochs, cli.ablation_spec(args, None)
+        recipe = ablation_recipe(test_set, spec.keep, spec.unit, spec.fill, args.ra_warmup_epochs,
+                                 defaults["val_samples"], args.seed, device)
+    fit(model, train_set, test_set, out / kind, epochs=epochs, batch_size=defaults["batch_size"], lr=defaults["lr"],
+        device=device, amp=args.amp, workers=args.workers, record={"trained_by": "compare_defenses", "kind": kind},
+        recipe=recipe, seed=args.seed, figure_format=args.figure_format)
+    best = out / kind / "best.pt"  # none when no epoch was eligible (adversarial training still at κ = 1)
+    return best if best.is_file() else out / kind / "last.pt"
+
+
+def _ra_spec(args: argparse.Namespace, checkpoint: Path) -> AblationSpec:
+    """The ablation the RA model was trained with (--keep, --unit, --fill override it)."""
+    trained = AblationSpec.from_checkpoint(load_checkpoint(checkpoint)) if checkpoint.suffix != ".h5" else None
+    if trained is None and args.keep is None:
+        raise ToolkitError(f"--ra {checkpoint} records no ablation (not from MCNN_certify_train.py); pass --keep")
+    return cli.ablation_spec(args, trained)
 
 
 def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argparse.Namespace, device: torch.device,
-              ablation: tuple[int, str], gen: torch.Generator) -> dict:
+              ablation: AblationSpec | None, gen: torch.Generator) -> dict:
     """Clean and probe-attacked metrics of one model; for RA those of its smoothed count, plus the certificate.
     The probe patches are optimised on crops of `attack_root` (as patch_attack.py, a split other than the test's)."""
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
     attack_max = args.max_test_images if attack_root == test_root else args.max_train_images
     attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, max_images=attack_max)
     crop = min(args.attack_crop, attack_set.smallest_side() // model.size_multiple * model.size_multiple)
-    if max(args.patch_sizes) > crop:
-        raise ToolkitError(f"patch side {max(args.patch_sizes)} is larger than the attack crops ({crop} px)")
+    specs = {side: cli.patch_spec(args, side) for side in args.patch_sizes}
+    for spec in specs.values():
+        spec.check_fits(crop, "the attack crops")
     attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, crop=crop, max_images=attack_max)
     through = counter = None
     if kind == "ra":
-        keep, unit = ablation
-        reference = mean_units(test_set.sizes(), unit)
-
         def through(x: torch.Tensor) -> torch.Tensor:  # the attack's expectation over ablations
-            k = scaled_keep(keep, x.shape, reference, unit)
-            return model(ablate(x.repeat_interleave(args.eot, dim=0), k, unit, generator=gen))
-        counter = SmoothedCounter(model, keep, args.attack_samples, unit, generator=gen)
+            return model(ablation.ablate(x.repeat_interleave(args.eot, dim=0), gen, crop=True))
+        counter = SmoothedCounter(model, ablation, args.attack_samples, generator=gen)
     result = {"attacked": {}, "test_images": len(test_set), "attack_crop": crop,
               "attack_split": "test" if attack_root == test_root else "train"}
-    for side in args.patch_sizes:
-        metrics, _ = attack_metrics(model, attack_set, test_set, side, make_mask(side, PROBE_SHAPE), device, args.amp,
-                                    epochs=args.attack_epochs, restarts=args.restarts, seed=args.seed,
-                                    attack_through=through, counter=counter)
+    for side, spec in specs.items():
+        metrics, _ = attack_metrics(model, attack_set, test_set, spec, device, args.amp, epochs=args.attack_epochs,
+                                    restarts=args.restarts, seed=args.seed, attack_through=through, counter=counter)
         result["attacked"][side], result["clean"] = metrics["attacked"], metrics["clean"]
     if kind == "ra":
         # certified for each probe's footprint (rotation, scale and bilinear rim included), at least its side
-        cover = {s: max(s, footprint_side(s, PROBE_SHAPE, PatchTransform())) for s in args.patch_sizes}
-        _, cert = certify_dataset(model, test_set, keep, args.samples, sorted(set(cover.values())), args.alpha, unit,
+        cover = {s: spec.footprint_side for s, spec in specs.items()}
+        _, cert = certify_dataset(model, test_set, ablation, args.samples, sorted(set(cover.values())), args.alpha,
                                   device=device, amp=args.amp, generator=gen)
         cert["patch_sizes"] = {str(s): {"certified_side": c, **cert["patch_sizes"][str(c)]} for s, c in cover.items()}
         result.update(clean=cert["smoothed"], certificate=cert)
     return result
 
 
-def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str]) -> str:
+def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str], synthetic: bool) -> str:
     header = "| model | clean MAE / RMSE | " + " | ".join(f"APAM {s}px MAE / RMSE" for s in args.patch_sizes) + \
         " | RA certificate per patch size: certified fraction, tight-MAE / MSE |"
     lines = [header, "|" + "---|" * (len(args.patch_sizes) + 3)]
-    for kind, label in zip(KINDS, ("undefended", "adversarial training", f"randomized ablation (k={keep})"),
-                           strict=True):
+    for kind in KINDS:
         r = results[kind]
+        label = LABELS[kind] + (f" (k={keep})" if kind == "ra" else "")
         cells = [f"{m['mae']:.2f} / {m['mse']:.2f}" for m in (r["clean"], *r["attacked"].values())]
         cert = "; ".join(f"{s}px (as {c['certified_side']}px): {c['certified_fraction']:.0%}, "
                          f"{c['tight_mae']:.2f} / {c['tight_mse']:.2f}"
@@ -163,15 +179,18 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {cert} |")
     ra = results["ra"]
     note = (f"{args.model}, {ra['test_images']} test images. Attack: per model and patch size the strongest (highest "
-            f"MAE) of {args.restarts} APAM patches (pred-scale, tau 10), each {args.attack_epochs} passes over "
-            f"{ra['attack_crop']}-px crops of the {ra['attack_split']} split; RA attacked through {args.eot} "
-            f"ablations per crop and counted by the median of {args.attack_samples}. Certificate: {args.samples} "
-            f"samples, alpha {args.alpha}, for a square patch of the side shown in brackets: the probe's side, or more "
-            "where its rotation, scale and bilinear rim can change more pixels than that side squared.")
-    if trained and not (args.data or args.train_data or args.test_data):
-        note += " Trained here on the synthetic crowds with short schedules: " + ", ".join(
-            f"{k}: {' '.join(SHORT.get(k, [VICTIM]))}" for k in trained) + \
-            f"; evaluated on the first {args.max_test_images} test images."
+            f"MAE) of {args.restarts} APAM patches (pred-scale, tau 10, {args.patch_shape}), each "
+            f"{args.attack_epochs} passes over {ra['attack_crop']}-px crops of the {ra['attack_split']} split; RA "
+            f"attacked through {args.eot} ablations per crop and counted by the median of {args.attack_samples}. "
+            f"Certificate: {args.samples} samples, alpha {args.alpha}, for a square patch of the side shown in "
+            "brackets: the probe's side, or more where its rotation, scale and bilinear rim can change more pixels "
+            "than that side squared.")
+    if trained:
+        how = {"vanilla": VICTIM if synthetic else f"{PLAIN_DEFAULTS['epochs']} epochs",
+               "adv": f"{args.adv_epochs} epochs, {args.adv_val_restarts} validation probe(s) per epoch",
+               "ra": f"{args.ra_epochs} epochs, {args.ra_warmup_epochs} clean"}
+        note += (" Trained here" + (" on the synthetic crowds with short schedules" if synthetic else "") + ": "
+                 + ", ".join(f"{k}: {how[k]}" for k in trained) + ".")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -180,23 +199,28 @@ def main(args: argparse.Namespace) -> dict:
         raise ToolkitError(f"--alpha must lie in (0, 1), got {args.alpha}")
     _check_architectures(args)
     device = pick_device(args.device)
-    out = cli.run_dir(args, "compare_defenses", device)
-    trained = [kind for kind in KINDS if getattr(args, kind) is None]
     synthetic = not (args.data or args.train_data or args.test_data)
-    if synthetic and args.max_test_images is None:
-        args.max_test_images = SHORT_TEST_IMAGES
-    for kind in trained:
-        setattr(args, kind, _train(kind, args, out))
-    ablation = _ablation_of(args.ra, args.keep)
+    for name, value in (SHORT if synthetic else LONG).items():  # the schedules, final before args.json is written
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
+    trained = [kind for kind in KINDS if getattr(args, kind) is None]
+    if "ra" not in trained:
+        _ra_spec(args, args.ra)  # fail now on an RA checkpoint without its ablation
+    out = cli.run_dir(args, "compare_defenses", device,
+                      data_folders={"train": train_root and str(train_root), "test": str(test_root)})
+    checkpoints = {kind: getattr(args, kind) for kind in KINDS}
+    for kind in trained:
+        checkpoints[kind] = _train(kind, args, checkpoints, train_root or test_root, test_root, synthetic, out, device)
+    ablation = _ra_spec(args, checkpoints["ra"])
     gen = torch.Generator(device=device).manual_seed(args.seed)
     results = {}
     for kind in KINDS:
-        seed_everything(args.seed)  # the same crops and draws for every model
-        model = prepare_model(build(args.model, getattr(args, kind)), device).eval()
-        results[kind] = {"checkpoint": str(getattr(args, kind)),
-                         **_evaluate(kind, model, train_root or test_root, test_root, args, device, ablation, gen)}
-    table = _table(results, args, ablation[0], trained)
+        model = prepare_model(build(args.model, checkpoints[kind]), device).eval()
+        results[kind] = {"checkpoint": str(checkpoints[kind]),
+                         **_evaluate(kind, model, train_root or test_root, test_root, args, device,
+                                     ablation if kind == "ra" else None, gen)}
+    table = _table(results, args, ablation.keep, trained, synthetic)
     atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(table))
     save_json(out / "metrics.json", results)
     bar_figure(out / f"comparison.{args.figure_format}", {kind: {"clean": results[kind]["clean"]["mae"],

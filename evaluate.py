@@ -15,7 +15,7 @@ from utils.engine import evaluate
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.plots import density_figure
-from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.runtime import pick_device, prepare_model
 from utils.victims import synthetic_victim
 
 
@@ -48,7 +48,6 @@ def main(args: argparse.Namespace) -> dict:
     model = build(args.model, args.weights)
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, density=args.density, max_images=args.max_images)
-    seed_everything(args.seed)
     out = cli.run_dir(args, "evaluate", device, data=split)
     model = prepare_model(model, device)
 

@@ -29,9 +29,9 @@ from utils.attack import (
 )
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
-from utils.patch import PLACEMENTS, SHAPES, PatchTransform, load_patch, make_mask, patch_side, random_patch, save_patch
+from utils.patch import PLACEMENTS, PatchSpec, load_patch, patch_side, random_patch, save_patch
 from utils.plots import curve_figure, density_figure
-from utils.runtime import pick_device, prepare_model, seed_everything
+from utils.runtime import pick_device, prepare_model
 from utils.victims import synthetic_victim
 
 
@@ -48,12 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     size.add_argument("--patch-frac", type=cli.positive_float,
                       help="patch side as a fraction of 1024 pixels, as in the paper: 0.02/0.04/0.08/0.16 give "
                            "20/40/81/163 pixels")
-    group.add_argument("--patch-shape", default="circle", choices=SHAPES, help="mask of the patch")
-    group.add_argument("--placement", default="center", choices=PLACEMENTS[:2],
-                       help="where the patch goes while it is optimised: the image centre, or a random position "
-                            "per image (plus a small random rotation, scale and brightness change)")
+    cli.add_patch_args(parser, group)
     group.add_argument("--patch", type=Path,
-                       help="evaluate this saved patch.pt (from an earlier run) instead of optimising one")
+                       help="evaluate this saved patch.pt (from an earlier run) instead of optimising one, applied as "
+                            "it was made (its side, shape, transforms and placement)")
     group = parser.add_argument_group("APAM (optimisation on the train split)")
     group.add_argument("--target", default="pred-scale", choices=TARGETS,
                        help="objective: pull the density towards τ × the clean prediction (pred-scale), τ × the "
@@ -86,19 +84,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _transfer(spec: str, patch, mask, placement, transform, test_root: Path, device, args) -> dict:
+def _transfer(pairs: str, patch: torch.Tensor, spec: PatchSpec, placement: str, test_root: Path,
+              device: torch.device, args: argparse.Namespace) -> dict:
     table = {}
-    for item in spec.split(","):
+    for item in pairs.split(","):
         name, _, weights = item.partition("=")
         if name.lower() not in MODEL_NAMES or not weights:
             raise ToolkitError(f"--eval-models takes name=weights pairs with a name in {', '.join(MODEL_NAMES)}; "
                                f"got {item!r}")
         model = prepare_model(build(name, weights).requires_grad_(False), device).eval()
         dataset = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-        rows, _ = evaluate_patch(model, dataset, patch, mask, placement, transform, device, args.batch_size,
-                                 args.seed, args.amp)
+        rows, _ = evaluate_patch(model, dataset, patch, spec, device, placement, args.batch_size, args.seed, args.amp)
         table[f"{name}={weights}"] = patch_metrics(rows)
     return table
+
+
+def _spec(args: argparse.Namespace) -> tuple[torch.Tensor, PatchSpec]:
+    """(starting or saved patch, its spec): a saved patch keeps the spec it was made with; a patch flag that
+    contradicts it is an error."""
+    if args.patch is None:
+        side = args.patch_size or (patch_side(args.patch_frac) if args.patch_frac else DEFAULT_SIDE)
+        spec = cli.patch_spec(args, side)
+        return random_patch(spec.side, torch.Generator().manual_seed(args.seed)), spec
+    patch, spec = load_patch(args.patch)
+    given = getattr(args, "_given", frozenset())
+    side = args.patch_size or (patch_side(args.patch_frac) if args.patch_frac else spec.side)
+    asked = cli.patch_spec(args, side)
+    for flag, dests, saved, value in (("--patch-size", {"patch_size", "patch_frac"}, spec.side, asked.side),
+                                      ("--patch-shape", {"patch_shape"}, spec.shape, asked.shape),
+                                      ("--placement", {"placement"}, spec.placement, asked.placement),
+                                      ("--rotation/--scale/--brightness", {"rotation", "scale", "brightness"},
+                                       spec.transform, asked.transform)):
+        if given & dests and saved != value:
+            raise ToolkitError(f"{args.patch} was made with {flag} {saved}, not {value}; leave {flag} out")
+    return patch, spec
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -110,57 +129,43 @@ def main(args: argparse.Namespace) -> dict:
         raise ToolkitError("--weights is required with your own data (the default victim is for synthetic data)")
     model = build(args.model)  # the architecture shapes the data; its weights are loaded once the inputs are checked
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-    transform = PatchTransform()
-    config = APAMConfig(target=args.target, tau=args.tau, lr=args.lr, momentum=args.momentum,
-                        momentum_form=args.momentum_form, tv_weight=args.tv_weight, placement=args.placement,
-                        transform=transform)
-
-    if args.patch is not None:
-        saved = load_patch(args.patch)
-        patch, mask, shape = saved["patch"], saved["mask"], saved["shape"]
-        if (args.patch_size or args.patch_frac) and patch.shape[-1] != (args.patch_size or patch_side(args.patch_frac)):
-            raise ToolkitError(f"{args.patch} holds a {patch.shape[-1]}-pixel patch, not the size asked for")
-        transform = PatchTransform(**saved.get("transform", {}))
-    else:
-        size = args.patch_size or (patch_side(args.patch_frac) if args.patch_frac else DEFAULT_SIDE)
-        shape = args.patch_shape
-        patch, mask = random_patch(size, torch.Generator().manual_seed(args.seed)), make_mask(size, shape)
-    size = patch.shape[-1]
-    smallest = test_set.smallest_side()
-    if size > smallest:
-        raise ToolkitError(f"patch side {size} is larger than the smallest test image side ({smallest} px)")
+    patch, spec = _spec(args)
+    spec.check_fits(test_set.smallest_side(), "the smallest test image side")
     if args.patch is None:
         if train_root is None:
             raise ToolkitError("a train split is needed to optimise the patch (--train-data or --data)")
         train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                            max_images=args.max_train_images)
-        if size > train_set.smallest_side():
-            raise ToolkitError(f"patch side {size} is larger than the smallest training image or crop")
+        spec.check_fits(train_set.smallest_side(), "the smallest training image or crop")
 
     args.weights = args.weights or synthetic_victim(args.model, device)
     load_weights(model, args.weights)
     model = prepare_model(model.requires_grad_(False), device).eval()
-    seed_everything(args.seed)
-    patch, mask = patch.to(device), mask.to(device)
-    out = cli.run_dir(args, "patch_attack", device, patch_size=size, train_data=train_root, test_data=test_root)
+    patch = patch.to(device)
+    out = cli.run_dir(args, "patch_attack", device, patch_size=spec.side, patch_shape=spec.shape,
+                      placement=spec.placement, rotation=spec.transform.rotation,
+                      scale=[spec.transform.scale_min, spec.transform.scale_max],
+                      brightness=spec.transform.brightness, train_data=train_root, test_data=test_root)
 
     losses = []
     if args.patch is None:
-        patch, losses = optimise_patch(model, train_set, patch, mask, config, device, args.epochs, args.steps,
+        config = APAMConfig(target=args.target, tau=args.tau, lr=args.lr, momentum=args.momentum,
+                            momentum_form=args.momentum_form, tv_weight=args.tv_weight)
+        patch, losses = optimise_patch(model, train_set, patch, spec, config, device, args.epochs, args.steps,
                                        args.batch_size, args.seed, args.amp)
-        save_patch(out, patch, mask, shape, transform, {"args": runs.settings(args)})
+        save_patch(out, patch, spec, {"args": runs.settings(args)})
         curve_figure(out / f"loss.{args.figure_format}", {"APAM loss": losses}, ylabel=f"APAM loss ({args.target})",
-                     title=f"APAM loss per epoch ({size} px {shape} patch)")
+                     title=f"APAM loss per epoch ({spec.side} px {spec.shape} patch)")
 
-    placement = args.eval_placement or args.placement
-    rows, maps = evaluate_patch(model, test_set, patch, mask, placement, transform, device, args.batch_size, args.seed,
-                                args.amp, args.figures)
+    placement = args.eval_placement or spec.placement
+    rows, maps = evaluate_patch(model, test_set, patch, spec, device, placement, args.batch_size, args.seed, args.amp,
+                                args.figures)
     metrics = patch_metrics(rows)
-    covered = float(mask.sum()) / (sum(h * w for h, w in test_set.sizes()) / len(test_set))
-    metrics.update(patch={"size": size, "shape": shape, "area_fraction": covered, "placement": placement},
-                   model=args.model, weights=str(args.weights), losses=losses)
+    covered = float(spec.mask.sum()) / (sum(h * w for h, w in test_set.sizes()) / len(test_set))
+    metrics.update(patch={"size": spec.side, "shape": spec.shape, "area_fraction": covered, "placement": placement,
+                          "spec": spec.to_dict()}, model=args.model, weights=str(args.weights), losses=losses)
     if args.eval_models:
-        metrics["transfer"] = _transfer(args.eval_models, patch, mask, placement, transform, test_root, device, args)
+        metrics["transfer"] = _transfer(args.eval_models, patch, spec, placement, test_root, device, args)
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     truth = {r["image"]: r["gt"] for r in rows}
@@ -168,7 +173,7 @@ def main(args: argparse.Namespace) -> dict:
         density_figure(out / "figures" / f"{Path(name).stem}.{args.figure_format}", patched,
                        [("clean", clean), ("attacked", attacked)], f"{name} (patched)", truth=truth[name])
     c, a, n = metrics["clean"], metrics["attacked"], metrics["control"]
-    print(f"patch {size}px {shape} ({covered:.2%} of the pixels), {len(rows)} test images\n"
+    print(f"patch {spec.side}px {spec.shape} ({covered:.2%} of the pixels), {len(rows)} test images\n"
           f"  clean    MAE {c['mae']:8.2f}  RMSE {c['mse']:8.2f}\n"
           f"  attacked MAE {a['mae']:8.2f}  RMSE {a['mse']:8.2f}  mean shift {a['mean_shift']:+.2f}\n"
           f"  control  MAE {n['mae']:8.2f}  RMSE {n['mse']:8.2f}  mean shift {n['mean_shift']:+.2f}\n"

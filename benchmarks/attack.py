@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from models import build  # noqa: E402
 from utils.attack import APAM, APAMConfig  # noqa: E402
-from utils.patch import make_mask, random_patch  # noqa: E402
+from utils.patch import PatchSpec, random_patch  # noqa: E402
 from utils.runtime import pick_device, prepare_model  # noqa: E402
 from utils.timing import best_seconds  # noqa: E402
 
@@ -25,7 +25,7 @@ def bench(name: str, device: torch.device, batch: int, side: int, patch: int, re
     images = torch.rand(batch, 3, side, side, device=device)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
-    attack = APAM(model, random_patch(patch).to(device), make_mask(patch).to(device), APAMConfig(), amp=amp)
+    attack = APAM(model, random_patch(patch).to(device), PatchSpec(patch), APAMConfig(), amp=amp)
     target = attack.batch_target(images, None)
 
     def bare() -> None:

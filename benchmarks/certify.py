@@ -1,4 +1,4 @@
-"""Cost of certifying one image (N ablated counts from `ablated_counts`, moved to the host, and the certified
+"""Cost of certifying one image (N ablated counts from `AblationSpec.counts`, moved to the host, and the certified
 interval for patch sides 20 40 81 163) against the bare batched forward passes on the same N ablated inputs,
 generated beforehand; the target is a ratio of at most 1.10. Prints JSON.
 
@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models import build  # noqa: E402
-from utils.ablation import ablate, units_per_image  # noqa: E402
-from utils.certify import ablated_counts, certified_interval, delta, patch_units  # noqa: E402
+from utils.ablation import AblationSpec, ablate, units_per_image  # noqa: E402
+from utils.certify import certified_interval, delta, patch_units  # noqa: E402
 from utils.runtime import autocast, pick_device, prepare_model  # noqa: E402
 from utils.timing import best_seconds  # noqa: E402
 
@@ -40,10 +40,10 @@ def main() -> None:
     image = torch.rand(3, args.height, args.width, device=device)
     d = units_per_image(image.shape, "element")
     generator = torch.Generator(device=device).manual_seed(0)
+    spec = AblationSpec(args.keep)
 
     def certify() -> None:
-        samples = ablated_counts(model, image, args.keep, args.samples, "element", batch_size=args.batch_size,
-                                 generator=generator).cpu().numpy()
+        samples = spec.counts(model, image, args.samples, args.batch_size, generator).cpu().numpy()
         for s in SIDES:
             certified_interval(samples, delta(d, patch_units(s, "element"), args.keep), 0.05)
 

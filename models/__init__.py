@@ -2,6 +2,8 @@
 import inspect
 from pathlib import Path
 
+import torch
+
 from models.can import build_can
 from models.cmtl import build_cmtl
 from models.counter import CrowdCounter
@@ -24,10 +26,13 @@ def canonical_name(name: str) -> str:
     return _ALIASES.get(name.lower(), name.lower())
 
 
-def build(name: str, weights: str | Path | None = None, **kwargs) -> CrowdCounter:
+def build(name: str, weights: str | Path | None = None, seed: int | None = None, **kwargs) -> CrowdCounter:
     """A fresh model by name (case-insensitive), optionally loaded from a weight file or checkpoint.
 
-    kwargs: csrnet `upsample`, `vgg_weights`; can and danet `vgg_weights`; cmtl `level_width`.
+    `seed`: the initial weights are those `torch.manual_seed(seed)` gives, drawn inside `fork_rng` so the caller's
+    global RNG is neither read nor moved (PyTorch's layers offer no generator argument; nothing else in the toolkit
+    draws from the global RNG). kwargs: csrnet `upsample`, `vgg_weights`; can and danet `vgg_weights`; cmtl
+    `level_width`.
     """
     key = canonical_name(name)
     if key not in _BUILDERS:
@@ -37,7 +42,12 @@ def build(name: str, weights: str | Path | None = None, **kwargs) -> CrowdCounte
     if unknown:
         raise ToolkitError(f"{key} has no option {', '.join(unknown)}; "
                            f"its options: {', '.join(options) or 'none'}")
-    model = _BUILDERS[key](**kwargs)
+    if seed is None:
+        model = _BUILDERS[key](**kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _BUILDERS[key](**kwargs)
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -91,6 +91,12 @@ class CrowdCounter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._outputs(x)[0]
 
+    def adapt_to_counts(self, counts) -> None:
+        """Set what depends on the training set's counts before training: CMTL's 10 density-level classes split
+        them evenly (its level width); nothing for the other networks."""
+        if hasattr(self, "level_width"):
+            self.level_width.fill_(max(float(max(counts)) / 10, 1.0))
+
     def count(self, x: Tensor) -> Tensor:
         """Predicted head count per image, shape (N,)."""
         return self(x).sum(dim=(1, 2, 3))

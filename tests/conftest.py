@@ -63,6 +63,51 @@ def tiny_ra_mcnn(tiny_crowds, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_ra_pixel(tiny_crowds, tmp_path_factory) -> Path:
+    """Run folder of MCNN_certify_train.py with a non-default ablation: 300 pixels kept, filled with 0.5."""
+    import MCNN_certify_train as script
+
+    out = tmp_path_factory.mktemp("tiny_ra_pixel")
+    script.main(script.get_args_parser().parse_args([
+        "--data", str(tiny_crowds), "--out", str(out), "--crop", "64", "--batch-size", "2", "--epochs", "2",
+        "--warmup-epochs", "1", "--keep", "300", "--unit", "pixel", "--fill", "0.5", "--val-samples", "2",
+        "--device", "cpu", "--seed", "1"]))
+    return out
+
+
+class AblationLog(list):
+    """(spec, ablated batch, crop) of every `AblationSpec.ablate` call: the inputs a script builds for the model."""
+
+    def check(self, unit: str, fill: float, crops: bool = False) -> None:
+        """Every batch was ablated by `unit` with `fill` (and some were crops of the kept-unit share, if `crops`)."""
+        import torch
+
+        assert self, "nothing was ablated"
+        for spec, batch, _ in self:
+            assert (spec.unit, spec.fill) == (unit, fill)
+            at_fill = batch == fill  # no pixel of a JPEG is exactly 0.5 or 0.25 (k / 255)
+            if unit == "pixel":  # a pixel is kept or filled in all its channels at once
+                assert torch.equal(at_fill.all(dim=1), at_fill.any(dim=1))
+            assert at_fill.float().mean() > 0.5
+        assert not crops or any(crop for _, _, crop in self)
+
+
+@pytest.fixture
+def ablation_log(monkeypatch) -> AblationLog:
+    from utils.ablation import AblationSpec
+
+    log, real = AblationLog(), AblationSpec.ablate
+
+    def recording(self, x, generator=None, crop=False):
+        out = real(self, x, generator, crop)
+        log.append((self, out.detach(), crop))
+        return out
+
+    monkeypatch.setattr(AblationSpec, "ablate", recording)
+    return log
+
+
 @pytest.fixture
 def cli_error(capsys):
     """Run a script's `main` in-process through `utils.cli.run`; returns (exit status, stderr lines)."""

@@ -1,12 +1,15 @@
 
+import json
+
 import pytest
 import torch
 
 import patch_attack
+from datasets.crowd import CrowdDataset
 from models import MODEL_NAMES, build
 from utils.attack import APAM, APAMConfig, attack_loss, momentum_step, target_density
 from utils.errors import ToolkitError
-from utils.patch import PatchTransform, make_mask, random_patch
+from utils.patch import PatchSpec, PatchTransform, random_patch
 
 
 def test_mifgsm_step_by_hand():
@@ -43,9 +46,10 @@ def test_targets_and_losses():
         APAMConfig(target="confuse")
 
 
-def _apam(model, size=16, seed=0, **cfg):
+def _apam(model, size=16, seed=0, transform=None, **cfg):
     g = torch.Generator().manual_seed(seed)
-    return APAM(model, random_patch(size, g), make_mask(size), APAMConfig(**cfg), g)
+    return APAM(model, random_patch(size, g), PatchSpec(size, transform=transform or PatchTransform()),
+                APAMConfig(**cfg), g)
 
 
 def test_gradient_reaches_the_patch_only_and_patch_stays_in_range():
@@ -67,7 +71,7 @@ def test_gradient_reaches_the_patch_only_and_patch_stays_in_range():
 def test_a_cuda_step_never_waits_for_the_device():
     device = torch.device("cuda")
     model = build("mcnn").to(device).eval().requires_grad_(False)
-    attack = APAM(model, random_patch(16).to(device), make_mask(16), APAMConfig(), torch.Generator().manual_seed(0))
+    attack = APAM(model, random_patch(16).to(device), PatchSpec(16), APAMConfig(), torch.Generator().manual_seed(0))
     images = torch.rand(2, 3, 64, 64, device=device)
     target = attack.batch_target(images, None)
     torch.cuda.synchronize()
@@ -83,8 +87,7 @@ def test_a_cuda_step_never_waits_for_the_device():
 def test_every_model_can_be_attacked(name):
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for seed in range(10):  # CMTL's final ReLU can start dead (as the original's init): no gradient to follow
-        torch.manual_seed(seed)
-        model = build(name).eval().requires_grad_(False)
+        model = build(name, seed=seed).eval().requires_grad_(False)
         if model(images).abs().sum() > 0:
             break
     attack = _apam(model, size=24, target="maximize", transform=PatchTransform.none(), lr=0.05)
@@ -118,6 +121,39 @@ def test_attack_raises_the_error_of_a_trained_model(tiny_mcnn, tiny_crowds, tmp_
         "--device", "cpu", "--figures", "0"]))
     assert worst["attacked"]["mae"] >= 0.99 * again["attacked"]["mae"]  # the centre is on the grid
     assert worst["transfer"][f"mcnn={tiny_mcnn}"]["attacked"]["mae"] == pytest.approx(worst["attacked"]["mae"])
+
+
+def test_a_saved_patch_replays_with_the_spec_it_was_made_with(tiny_mcnn, tiny_crowds, tmp_path, cli_error):
+    import csv
+
+    from utils.attack import evaluate_patch
+    from utils.patch import load_patch
+
+    base = ["--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--device", "cpu", "--figures", "0", "--seed", "5"]
+    made = ["--patch-size", "20", "--patch-shape", "square", "--rotation", "30", "--scale", "0.8", "1.2",
+            "--brightness", "0.2", "--placement", "random", "--epochs", "1"]
+    patch_attack.main(patch_attack.get_args_parser().parse_args([*base, *made, "--out", str(tmp_path / "made")]))
+    patch, spec = load_patch(tmp_path / "made" / "patch.pt")
+    assert spec == PatchSpec(20, "square", PatchTransform(30.0, 0.8, 1.2, 0.2), "random")
+
+    patch_attack.main(patch_attack.get_args_parser().parse_args([
+        *base, "--patch", str(tmp_path / "made" / "patch.pt"), "--out", str(tmp_path / "replay")]))
+    rows = {run: list(csv.DictReader(open(tmp_path / run / "per_image.csv"))) for run in ("made", "replay")}
+    assert [r["attacked"] for r in rows["replay"]] == [r["attacked"] for r in rows["made"]]  # the same counts
+    record = json.loads((tmp_path / "replay" / "args.json").read_text())
+    assert (record["patch_shape"], record["rotation"], record["scale"], record["brightness"], record["placement"]) \
+        == ("square", 30.0, [0.8, 1.2], 0.2, "random")
+
+    # the saved transform matters: the default ranges give other counts
+    model = build("mcnn", tiny_mcnn).eval()
+    dataset = CrowdDataset.for_model(tiny_crowds / "test_data", model)
+    default, _ = evaluate_patch(model, dataset, patch, PatchSpec(20, "square", placement="random"),
+                                torch.device("cpu"), seed=5, amp=False)
+    assert [r["attacked"] for r in default] != [float(r["attacked"]) for r in rows["made"]]
+
+    code, lines = cli_error(patch_attack, [*base, "--patch", str(tmp_path / "made" / "patch.pt"), "--patch-shape",
+                                           "circle", "--out", str(tmp_path / "x")])
+    assert code == 2 and len(lines) == 1 and "was made with --patch-shape square, not circle" in lines[0], lines
 
 
 def test_same_seed_same_patch(tiny_mcnn, tiny_crowds, tmp_path):

@@ -81,32 +81,33 @@ def test_apam_against_the_smoothed_model_stays_inside_the_certificate(tiny_mcnn,
 
     from datasets.crowd import CrowdDataset
     from models import build
-    from utils.ablation import ablate
+    from utils.ablation import AblationSpec
     from utils.attack import APAM, APAMConfig
-    from utils.certify import ablated_counts
-    from utils.patch import PatchTransform, apply_patch, make_mask, random_patch, sample_centers
+    from utils.patch import PatchSpec, PatchTransform, random_patch, sample_centers
 
     keep, side, samples, alpha = 45, 8, 150, 0.05
     model = build("mcnn", tiny_mcnn).eval()  # any base model: the certificate does not assume training
     images = torch.stack([img for img, _, _ in CrowdDataset.for_model(tiny_crowds / "test_data", model)])
     gen = torch.Generator().manual_seed(0)
-    clean = [ablated_counts(model, image, keep, samples, generator=gen).numpy() for image in images]
+    spec = AblationSpec(keep)
+    clean = [spec.counts(model, image, samples, generator=gen).numpy() for image in images]
     assert all(ys.std() > 0 for ys in clean)  # the ablated counts vary, so there is something to bound
 
     def smoothed_model(x: torch.Tensor) -> torch.Tensor:  # 4 ablations per image, the attack's expectation
-        return model(ablate(x.repeat_interleave(4, dim=0), keep, generator=gen))
+        return model(spec.ablate(x.repeat_interleave(4, dim=0), gen))
 
     for objective in ("maximize", "minimize"):
-        config = APAMConfig(target=objective, lr=0.05, transform=PatchTransform.none())
-        attack = APAM(smoothed_model, random_patch(side, gen), make_mask(side, "square"), config, gen, amp=False)
+        config = APAMConfig(target=objective, lr=0.05)
+        patch_spec = PatchSpec(side, "square", PatchTransform.none())
+        attack = APAM(smoothed_model, random_patch(side, gen), patch_spec, config, gen, amp=False)
         attack.fit(lambda _: [(images, None)], epochs=10)
         centers = sample_centers(len(images), *images.shape[-2:], side, "center")
-        patched, _ = apply_patch(images, attack.patch, attack.mask, centers, PatchTransform.none())
+        patched, _ = patch_spec.paste(images, attack.patch, centers)
         # ρ: the units the patch really changed (bilinear resampling may touch a rim beyond the s×s square)
         changed = int((patched != images).any(dim=1).sum(dim=(1, 2)).max())
         assert side * side <= changed <= (side + 2) ** 2
         d, rho = images[0].numel(), 3 * changed
         for before, attacked in zip(clean, patched, strict=True):
-            after = ablated_counts(model, attacked, keep, samples, generator=gen).numpy()
+            after = spec.counts(model, attacked, samples, generator=gen).numpy()
             lo, hi = certified_interval(before, delta(d, rho, keep), alpha)
             assert lo <= np.median(after) <= hi, (objective, lo, np.median(after), hi)

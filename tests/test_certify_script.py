@@ -52,3 +52,17 @@ def test_bad_input(tiny_mcnn, tiny_crowds, cli_error, capsys):
                                                        "--patch-sizes", "4", "--max-images", "1", "--out",
                                                        str(Path(tiny_mcnn).parent / "c"), "--device", "cpu"]))
     assert "was not trained with ablation" in capsys.readouterr().out
+
+
+def test_certify_ablates_as_the_model_was_trained(tiny_ra_pixel, tiny_crowds, tmp_path, ablation_log, capsys):
+    argv = ["--weights", str(tiny_ra_pixel / "last.pt"), "--data", str(tiny_crowds / "test_data"), "--samples", "4",
+            "--patch-sizes", "4", "--max-images", "1", "--device", "cpu"]
+    metrics = certify.main(certify.get_args_parser().parse_args([*argv, "--out", str(tmp_path / "a")]))  # no flags
+    assert (metrics["keep"], metrics["unit"], metrics["fill"]) == (300, "pixel", 0.5)
+    ablation_log.check(unit="pixel", fill=0.5)
+    ablation_log.clear()
+    metrics = certify.main(certify.get_args_parser().parse_args([*argv, "--fill", "0.25", "--out",
+                                                                 str(tmp_path / "b")]))
+    assert "--fill 0.25 overrides the fill 0.5 the model was trained with" in capsys.readouterr().out
+    assert metrics["fill"] == 0.25
+    ablation_log.check(unit="pixel", fill=0.25)

@@ -6,8 +6,8 @@ import torch
 
 from utils.errors import ToolkitError
 from utils.patch import (
+    PatchSpec,
     PatchTransform,
-    apply_patch,
     footprint_side,
     load_patch,
     make_mask,
@@ -21,9 +21,10 @@ from utils.patch import (
 @pytest.mark.parametrize("shape", ["square", "circle"])
 def test_untransformed_patch_lands_exactly_where_asked(shape):
     images = torch.rand(3, 3, 50, 64)
-    patch, mask = torch.rand(3, 10, 10), make_mask(10, shape)
+    patch, spec = torch.rand(3, 10, 10), PatchSpec(10, shape, PatchTransform.none())
+    mask = spec.mask
     centers = torch.tensor([[5.0, 5.0], [32.0, 25.0], [59.0, 45.0]])  # corners and middle, integer-aligned
-    out, covered = apply_patch(images, patch, mask, centers)
+    out, covered = spec.paste(images, patch, centers)
     for img, orig, (cx, cy) in zip(out, images, centers.int().tolist(), strict=True):
         top, left = cy - 5, cx - 5
         window = img[:, top:top + 10, left:left + 10]
@@ -41,10 +42,10 @@ def test_circle_mask_area_is_pi_r_squared(size):
 
 def test_random_transforms_stay_near_the_nominal_area_and_vary_per_image():
     images = torch.zeros(16, 3, 96, 96)
-    patch, mask = torch.ones(3, 20, 20), make_mask(20, "square")
+    patch, spec = torch.ones(3, 20, 20), PatchSpec(20, "square")
     g = torch.Generator().manual_seed(0)
     centers = sample_centers(16, 96, 96, 20, "random", g)
-    out, covered = apply_patch(images, patch, mask, centers, PatchTransform(), g)
+    out, covered = spec.paste(images, patch, centers, g)
     areas = covered.sum(dim=(1, 2, 3))
     assert ((areas > 400 * 0.975**2 * 0.98) & (areas < 400 * 1.025**2 * 1.02)).all()
     assert len({tuple(c) for c in centers.tolist()}) == 16
@@ -56,13 +57,14 @@ def test_random_transforms_stay_near_the_nominal_area_and_vary_per_image():
 @pytest.mark.parametrize("size", [7, 20, 44])
 def test_footprint_side_bounds_the_pixels_any_draw_changes(shape, size):
     g = torch.Generator().manual_seed(size)
-    mask = make_mask(size, shape)
     # the largest scale of the default draw, and a range given high to low
     for t in (PatchTransform(), PatchTransform(scale_min=1.025, scale_max=1.025),
               PatchTransform(scale_min=1.05, scale_max=1.0)):
+        spec = PatchSpec(size, shape, t)
         side = footprint_side(size, shape, t)
+        assert spec.footprint_side == max(side, size)
         centers = sample_centers(256, 128, 128, side, "random", g)  # sub-pixel positions
-        _, covered = apply_patch(torch.zeros(256, 3, 128, 128), torch.ones(3, size, size), mask, centers, t, g)
+        _, covered = spec.paste(torch.zeros(256, 3, 128, 128), torch.ones(3, size, size), centers, g)
         touched = (covered > 0).flatten(1).sum(1).max().item()
         assert touched <= side**2 < 1.6 * touched  # sound, and not vacuous
 
@@ -70,8 +72,8 @@ def test_footprint_side_bounds_the_pixels_any_draw_changes(shape, size):
 def test_footprint_of_an_untransformed_square_is_one_pixel_more_per_axis():
     # off the pixel grid, bilinear sampling reaches one extra row and column
     assert footprint_side(20, "square", PatchTransform.none()) == 21
-    _, covered = apply_patch(torch.zeros(1, 3, 40, 40), torch.ones(3, 20, 20), make_mask(20, "square"),
-                             torch.tensor([[20.3, 20.6]]))
+    spec = PatchSpec(20, "square", PatchTransform.none())
+    _, covered = spec.paste(torch.zeros(1, 3, 40, 40), torch.ones(3, 20, 20), torch.tensor([[20.3, 20.6]]))
     assert (covered > 0).sum().item() == 21 * 21
 
 
@@ -79,7 +81,7 @@ def test_brightness_shifts_the_patch_and_clips():
     images = torch.zeros(1, 3, 32, 32)
     patch = torch.full((3, 8, 8), 0.5)
     t = PatchTransform(rotation=0, scale_min=1, scale_max=1, brightness=0.05)
-    out, _ = apply_patch(images, patch, make_mask(8, "square"), torch.tensor([[16.0, 16.0]]), t)
+    out, _ = PatchSpec(8, "square", t).paste(images, patch, torch.tensor([[16.0, 16.0]]))
     shift = out[0, :, 12:20, 12:20] - 0.5
     assert shift.abs().max() <= 0.05 + 1e-6
     torch.testing.assert_close(shift, shift.flatten()[0].expand_as(shift))
@@ -92,11 +94,15 @@ def test_sweep_grid_keeps_the_patch_inside():
 
 
 def test_patch_round_trip_and_bad_files(tmp_path):
-    patch, mask = torch.rand(3, 12, 12), make_mask(12, "circle")
-    save_patch(tmp_path, patch, mask, "circle", PatchTransform(rotation=3.0), {"note": "x"})
-    back = load_patch(tmp_path / "patch.pt")
-    assert torch.equal(back["patch"], patch) and torch.equal(back["mask"], mask)
-    assert back["shape"] == "circle" and back["transform"]["rotation"] == 3.0 and back["size"] == 12
+    spec = PatchSpec(12, "circle", PatchTransform(rotation=3.0, scale_min=0.9), "random")
+    patch, mask = torch.rand(3, 12, 12), spec.mask
+    save_patch(tmp_path, patch, spec, {"note": "x"})
+    back, back_spec = load_patch(tmp_path / "patch.pt")
+    assert torch.equal(back, patch) and back_spec == spec
+    # a patch.pt of an earlier version (size, shape, transform beside the tensor) still loads
+    torch.save({"patch": patch, "mask": mask, "size": 12, "shape": "square", "transform": {"rotation": 2.0}},
+               tmp_path / "old.pt")
+    assert load_patch(tmp_path / "old.pt")[1] == PatchSpec(12, "square", PatchTransform(rotation=2.0))
     from PIL import Image
 
     with Image.open(tmp_path / "patch.png") as png:
@@ -120,7 +126,12 @@ def test_patch_round_trip_and_bad_files(tmp_path):
 
 def test_paper_patch_sides_and_bad_sizes():
     assert [patch_side(f) for f in (0.02, 0.04, 0.08, 0.16)] == [20, 40, 81, 163]
-    with pytest.raises(ToolkitError, match="larger than the images"):
-        apply_patch(torch.rand(1, 3, 30, 30), torch.rand(3, 40, 40), make_mask(40), torch.tensor([[15.0, 15.0]]))
-    with pytest.raises(ToolkitError, match="unknown patch shape"):
-        make_mask(10, "star")
+    with pytest.raises(ToolkitError, match=r"patch side 40 is larger than the images \(30×30\) \(30 px\)"):
+        PatchSpec(40).paste(torch.rand(1, 3, 30, 30), torch.rand(3, 40, 40), torch.tensor([[15.0, 15.0]]))
+    with pytest.raises(ToolkitError, match="does not match its spec"):
+        PatchSpec(20).paste(torch.rand(1, 3, 30, 30), torch.rand(3, 10, 10), torch.tensor([[15.0, 15.0]]))
+    for bad, message in (({"side": 10, "shape": "star"}, "unknown patch shape"), ({"side": 0}, "positive"),
+                         ({"side": 10, "placement": "sweep"}, "sweep is for evaluation"),
+                         ({"side": 10, "transform": {"scale_min": 0}}, "out of range")):
+        with pytest.raises(ToolkitError, match=message):
+            PatchSpec.from_dict(bad)

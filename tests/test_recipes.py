@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from utils.ablation import FILL
+from utils.ablation import FILL, AblationSpec
 from utils.errors import ToolkitError
 from utils.recipes import AblationRecipe
 
@@ -21,7 +21,7 @@ class _Spy(torch.nn.Module):
 
 
 def test_warmup_is_clean_then_every_step_is_a_fresh_ablation():
-    recipe = AblationRecipe(keep=30, warmup_epochs=2, reference_units=3 * 32 * 32,
+    recipe = AblationRecipe(AblationSpec(30, reference_units=3 * 32 * 32), warmup_epochs=2,
                             generator=torch.Generator().manual_seed(0))
     spy, images = _Spy(), torch.rand(4, 3, 32, 32) + 1  # > 1, so no kept value equals the fill
     recipe.loss(spy, images, None, epoch=1)
@@ -35,18 +35,31 @@ def test_warmup_is_clean_then_every_step_is_a_fresh_ablation():
 
 
 def test_crops_keep_the_same_fraction_as_a_whole_image():
-    recipe = AblationRecipe(keep=45, reference_units=3 * 240 * 320)
-    assert recipe.keep_for((3, 240, 320)) == 45
-    assert recipe.keep_for((4, 3, 120, 160)) == round(45 / 4)
-    assert recipe.keep_for((3, 8, 8)) == 1  # never zero
-    assert AblationRecipe(keep=45, unit="pixel", reference_units=240 * 320).keep_for((3, 120, 320)) == round(45 / 2)
+    spec = AblationSpec(45, reference_units=3 * 240 * 320)
+    assert spec.crop_keep((3, 240, 320)) == 45
+    assert spec.crop_keep((4, 3, 120, 160)) == round(45 / 4)
+    assert spec.crop_keep((3, 8, 8)) == 1  # never zero
+    assert AblationSpec(45, "pixel", reference_units=240 * 320).crop_keep((3, 120, 320)) == round(45 / 2)
+    assert AblationSpec(45).crop_keep((3, 2, 3)) == 18  # no reference: at most the crop's units
+
+
+def test_the_checkpoint_records_the_ablation_trained_with():
+    spec = AblationSpec(30, "pixel", 0.5, 1000)
+    assert AblationRecipe(spec).record() == {"ablation": spec.to_dict()}
+    assert AblationSpec.from_checkpoint({"ablation": spec.to_dict()}) == spec
+    assert AblationSpec.from_checkpoint({"args": {"keep": 7, "unit": "pixel"}}) == AblationSpec(7, "pixel")  # older
+    assert AblationSpec.from_checkpoint({"args": {"lr": 0.1}}) is None
 
 
 def test_bad_recipe_arguments():
     with pytest.raises(ToolkitError, match="validation samples"):
-        AblationRecipe(keep=10, val_samples=0)
+        AblationRecipe(AblationSpec(10), val_samples=0)
     with pytest.raises(ToolkitError, match="warm-up"):
-        AblationRecipe(keep=10, warmup_epochs=-1)
+        AblationRecipe(AblationSpec(10), warmup_epochs=-1)
+    for bad, message in (({"keep": 0}, "positive"), ({"keep": 5, "unit": "voxel"}, "unknown ablation unit"),
+                         ({"keep": 5, "fill": 7}, r"fill must lie in \[0, 1\]")):
+        with pytest.raises(ToolkitError, match=message):
+            AblationSpec.from_dict(bad)
 
 
 def test_validation_reports_the_smoothed_count_only_after_warmup(tiny_mcnn, tiny_crowds):
@@ -55,7 +68,8 @@ def test_validation_reports_the_smoothed_count_only_after_warmup(tiny_mcnn, tiny
 
     model = build("mcnn", tiny_mcnn)
     test_set = CrowdDataset.for_model(tiny_crowds / "test_data", model)
-    recipe = AblationRecipe(keep=45, warmup_epochs=1, val_samples=3, generator=torch.Generator().manual_seed(0))
+    recipe = AblationRecipe(AblationSpec(45), warmup_epochs=1, val_samples=3,
+                            generator=torch.Generator().manual_seed(0))
     during, _ = recipe.validate(model, test_set, torch.device("cpu"), False, epoch=0)
     assert math.isnan(during["mae"]) and during["clean_mae"] >= 0
     after, rows = recipe.validate(model, test_set, torch.device("cpu"), False, epoch=1)

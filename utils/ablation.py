@@ -1,7 +1,13 @@
 """Randomized ablation: keep `keep` units of each image, chosen uniformly without replacement, and
 set the rest to a fill value. A unit is one of the 3·H·W values (`element`, the paper's code) or one pixel with
-its three channels (`pixel`, Levine & Feizi's colour version)."""
+its three channels (`pixel`, Levine & Feizi's colour version).
+
+An `AblationSpec` holds the settings (keep, unit, fill, reference units), is built once, saved in the checkpoints of
+ablation training, and read back by everything that ablates, smooths or certifies that model.
+"""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -9,6 +15,7 @@ from utils.errors import ToolkitError
 
 UNITS = ("element", "pixel")
 FILL = 0.1307  # the paper's code (MNIST's mean); configurable
+KEEP = 45  # units kept per image in the paper's figures (its code's default: 100)
 
 
 def units_per_image(shape: tuple[int, ...], unit: str) -> int:
@@ -22,15 +29,6 @@ def units_per_image(shape: tuple[int, ...], unit: str) -> int:
 def mean_units(sizes: list[tuple[int, int]], unit: str) -> int:
     """The mean d of images of (h, w) `sizes`: the whole image that a crop's share of kept units refers to."""
     return round(sum(units_per_image((3, h, w), unit) for h, w in sizes) / len(sizes))
-
-
-def scaled_keep(keep: int, shape: tuple[int, ...], reference_units: int | None, unit: str = "element") -> int:
-    """Units to keep in an input of `shape` (e.g. a crop) so that it keeps the share `keep / reference_units` of a
-    whole image: the density of kept units, and so each one's weight in the count, stays the same."""
-    d = units_per_image(shape, unit)
-    if reference_units is None:
-        return min(keep, d)
-    return max(1, min(d, round(keep * d / reference_units)))
 
 
 def sample_indices(d: int, keep: int, batch: int, generator: torch.Generator | None = None,
@@ -73,3 +71,79 @@ def ablate(x: torch.Tensor, keep: int, unit: str = "element", fill: float = FILL
         idx = idx.unsqueeze(1).expand(n, x.shape[1], keep)
     out = torch.full_like(flat, fill).scatter_(-1, idx, flat.gather(-1, idx))
     return out.view_as(x)
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """Randomized ablation as a model is trained, smoothed and certified with it: `keep` units (k) of each whole
+    image, of kind `unit`, the others set to `fill`. A crop keeps the share k / `reference_units` of its units (the
+    mean d of the whole images the model is validated on), so each kept unit weighs in the count as it will on a
+    whole image; without reference units a crop keeps min(k, d)."""
+
+    keep: int
+    unit: str = "element"
+    fill: float = FILL
+    reference_units: int | None = None
+
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ToolkitError(f"unknown ablation unit {self.unit!r}; choose from {', '.join(UNITS)}")
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise ToolkitError(f"keep must be a positive number of units, got {self.keep}")
+        if not 0 <= self.fill <= 1:
+            raise ToolkitError(f"the ablation fill must lie in [0, 1], got {self.fill}")
+        if self.reference_units is not None and self.reference_units < 1:
+            raise ToolkitError(f"reference units must be positive, got {self.reference_units}")
+
+    def units(self, shape: tuple[int, ...]) -> int:
+        """d: the number of units of a (3, H, W) or (N, 3, H, W) image."""
+        return units_per_image(shape, self.unit)
+
+    def check_fits(self, sizes: list[tuple[int, int]]) -> None:
+        """The whole images of (h, w) `sizes` each have at least `keep` units."""
+        fewest = min(self.units((3, h, w)) for h, w in sizes)
+        if self.keep > fewest:
+            raise ToolkitError(f"keep must lie in 1..{fewest} (the number of units of the smallest image), "
+                               f"got {self.keep}")
+
+    def crop_keep(self, shape: tuple[int, ...]) -> int:
+        """Units to keep in a crop of `shape`: its share keep / reference_units of its own units."""
+        d = self.units(shape)
+        if self.reference_units is None:
+            return min(self.keep, d)
+        return max(1, min(d, round(self.keep * d / self.reference_units)))
+
+    def ablate(self, x: torch.Tensor, generator: torch.Generator | None = None, crop: bool = False) -> torch.Tensor:
+        """A fresh ablation of every image of the batch `x` (N, 3, H, W): `keep` units of a whole image (at most
+        its d), or the crop's share with `crop`."""
+        keep = self.crop_keep(x.shape) if crop else min(self.keep, self.units(x.shape))
+        return ablate(x, keep, self.unit, self.fill, generator)
+
+    @torch.no_grad()
+    def counts(self, model, image: torch.Tensor, samples: int, batch_size: int = 64,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The model's counts of `samples` independent ablations of one whole image (3, H, W), in batched forward
+        passes: the samples the smoothed count and its certificate are made of."""
+        if samples < 1:
+            raise ToolkitError(f"the number of samples must be at least 1, got {samples}")
+        counts = []
+        for start in range(0, samples, batch_size):
+            n = min(batch_size, samples - start)
+            counts.append(model(self.ablate(image.expand(n, *image.shape), generator)).sum(dim=(1, 2, 3)))
+        return torch.cat(counts).float()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AblationSpec:
+        return cls(int(d["keep"]), d.get("unit", "element"), float(d.get("fill", FILL)), d.get("reference_units"))
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> AblationSpec | None:
+        """The spec an ablation-trained checkpoint records (older ones: their keep, unit and fill arguments), or
+        None for a model not trained with ablation."""
+        if "ablation" in state:
+            return cls.from_dict(state["ablation"])
+        args = state.get("args", {})
+        return cls.from_dict(args) if args.get("keep") is not None else None

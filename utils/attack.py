@@ -6,7 +6,7 @@ untargeted variants), plus an optional total-variation weight on the patch. Each
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from tqdm import tqdm
 from datasets.crowd import CrowdDataset, EqualSizeBatches, same_size_batches
 from utils.errors import ToolkitError
 from utils.metrics import summarize
-from utils.patch import PatchTransform, apply_patch, random_patch, sample_centers, sweep_centers
+from utils.patch import PatchSpec, random_patch, sweep_centers
 from utils.runtime import autocast
 
 TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
@@ -32,8 +32,6 @@ class APAMConfig:
     momentum: float = 0.9  # ζ
     momentum_form: str = "mifgsm"  # v = ζ v + ĝ, p -= η sign(v); paper: V = ζ p + (1 - ζ) ĝ, p -= η V
     tv_weight: float = 0.0  # γ
-    placement: str = "center"
-    transform: PatchTransform = field(default_factory=PatchTransform)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -84,13 +82,13 @@ def momentum_step(patch: torch.Tensor, velocity: torch.Tensor, grad: torch.Tenso
 
 
 class APAM:
-    """Optimises one universal patch against `model` (which may include ablation in front, for EOT)."""
+    """Optimises one universal patch, applied as `spec` says, against `model` (which may include ablation in front,
+    for EOT)."""
 
-    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], patch: torch.Tensor, mask: torch.Tensor,
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], patch: torch.Tensor, spec: PatchSpec,
                  config: APAMConfig, generator: torch.Generator | None = None, amp: bool = True):
-        self.model, self.config, self.generator, self.amp = model, config, generator, amp
+        self.model, self.spec, self.config, self.generator, self.amp = model, spec, config, generator, amp
         self.patch = patch.detach().clone().clamp_(0, 1)
-        self.mask = mask.to(patch.device)
         self.velocity = torch.zeros_like(self.patch)
 
     def batch_target(self, images: torch.Tensor, gt: torch.Tensor | None) -> torch.Tensor | None:
@@ -102,9 +100,7 @@ class APAM:
         return target_density(self.config.target, self.config.tau, clean, gt)
 
     def loss(self, images: torch.Tensor, target: torch.Tensor | None, patch: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = images.shape
-        centers = sample_centers(n, h, w, patch.shape[-1], self.config.placement, self.generator)
-        patched, _ = apply_patch(images, patch, self.mask, centers, self.config.transform, self.generator)
+        patched, _ = self.spec.apply(images, patch, self.generator)
         with autocast(images.device, self.amp):
             pred = self.model(patched)
         loss = attack_loss(pred, self.config.target, target)
@@ -128,26 +124,26 @@ class APAM:
         batch; mean loss per epoch."""
         losses = []
         for epoch in range(epochs):
-            total, count = 0.0, 0
+            summed, count = 0.0, 0
             for images, gt in tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", total=total,
                                    leave=False, dynamic_ncols=True):
                 target = self.batch_target(images, gt)
                 for _ in range(steps):
-                    total = total + self.step(images, target).float()
+                    summed = summed + self.step(images, target).float()
                     count += 1
-            losses.append(float(total) / max(count, 1))
+            losses.append(float(summed) / max(count, 1))
         return losses
 
 
 def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: CrowdDataset, patch: torch.Tensor,
-                   mask: torch.Tensor, config: APAMConfig, device: torch.device, epochs: int, steps: int = 1,
+                   spec: PatchSpec, config: APAMConfig, device: torch.device, epochs: int, steps: int = 1,
                    batch_size: int = 8, seed: int = 0, amp: bool = True, desc: str = "APAM",
                    ) -> tuple[torch.Tensor, list[float]]:
     """APAM over shuffled same-size batches of `dataset` from the starting `patch`: (the patch, loss per epoch).
 
     Everything random (batch order, crops, patch transforms and placements) follows from `seed`."""
     gen = torch.Generator().manual_seed(seed)
-    attack = APAM(model, patch.to(device), mask, config, gen, amp)
+    attack = APAM(model, patch.to(device), spec, config, gen, amp)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset.set_epoch(epoch, seed)
@@ -160,26 +156,24 @@ def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
 
 @torch.no_grad()
 def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, gt: torch.Tensor,
-                   patch: torch.Tensor, mask: torch.Tensor, placement: str, transform: PatchTransform,
+                   patch: torch.Tensor, spec: PatchSpec, placement: str | None = None,
                    generator: torch.Generator | None = None, sweep: int = 3, amp: bool = True,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Counts of a batch with the patch applied: (counts (N,), patched images, densities).
+    """Counts of a batch with the patch applied as `spec` says: (counts (N,), patched images, densities).
 
-    `sweep` placement tries a `sweep`×`sweep` grid of positions per image and keeps the one whose count is
-    farthest from the ground truth `gt` (N,), the worst case for the defender.
+    `placement` (default the spec's) `sweep` tries a `sweep`×`sweep` grid of positions per image and keeps the one
+    whose count is farthest from the ground truth `gt` (N,), the worst case for the defender.
     """
     n, _, h, w = images.shape
-    size = patch.shape[-1]
-    if placement != "sweep":
-        centers = sample_centers(n, h, w, size, placement, generator)
-        patched, _ = apply_patch(images, patch, mask, centers, transform, generator)
+    if (placement or spec.placement) != "sweep":
+        patched, _ = spec.apply(images, patch, generator, placement)
         with autocast(images.device, amp):
             density = model(patched).float()
         return density.sum(dim=(1, 2, 3)), patched, density
-    grid = sweep_centers(h, w, size, sweep)
+    grid = sweep_centers(h, w, spec.side, sweep)
     k = len(grid)
     batch = images.repeat_interleave(k, dim=0)
-    patched, _ = apply_patch(batch, patch, mask, grid.repeat(n, 1), transform, generator)
+    patched, _ = spec.paste(batch, patch, grid.repeat(n, 1), generator)
     with autocast(images.device, amp):
         density = model(patched).float()
     counts = density.sum(dim=(1, 2, 3)).view(n, k)
@@ -189,12 +183,12 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
 
 
 def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: CrowdDataset, patch: torch.Tensor,
-                   mask: torch.Tensor, placement: str, transform: PatchTransform, device: torch.device,
-                   batch_size: int = 8, seed: int = 0, amp: bool = True, keep_maps: int = 0) -> tuple[list, list]:
-    """Per-image rows (gt, clean, attacked, control counts) of a fixed patch on `dataset`, with a uniform-noise
-    patch of the same size, shape and placement as control; plus (name, patched image, clean density, attacked
-    density) for the first `keep_maps` images."""
-    control = random_patch(patch.shape[-1], torch.Generator().manual_seed(seed + 1)).to(device)
+                   spec: PatchSpec, device: torch.device, placement: str | None = None, batch_size: int = 8,
+                   seed: int = 0, amp: bool = True, keep_maps: int = 0) -> tuple[list, list]:
+    """Per-image rows (gt, clean, attacked, control counts) of a fixed patch on `dataset`, placed by `placement`
+    (default the spec's), with a uniform-noise patch of the same spec as control; plus (name, patched image, clean
+    density, attacked density) for the first `keep_maps` images."""
+    control = random_patch(spec.side, torch.Generator().manual_seed(seed + 1)).to(device)
     rows, maps = [], []
     for index, (images, _, gt) in tqdm(EqualSizeBatches(dataset, batch_size), desc="test", leave=False,
                                        dynamic_ncols=True):
@@ -204,8 +198,7 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
         counts, shown = {}, None
         for label, p in (("attacked", patch), ("control", control)):
             gen = torch.Generator().manual_seed(seed + index[0])  # the same draws for patch and control
-            counts[label], patched, density = patched_counts(model, images, gt, p, mask, placement, transform, gen,
-                                                             amp=amp)
+            counts[label], patched, density = patched_counts(model, images, gt, p, spec, placement, gen, amp=amp)
             shown = shown or (patched, density)
         for j, i in enumerate(index):
             if i < keep_maps:
@@ -224,8 +217,8 @@ def patch_metrics(rows: list[dict]) -> dict:
     return out
 
 
-def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: CrowdDataset, side: int,
-                   mask: torch.Tensor, device: torch.device, amp: bool = True, config: APAMConfig | None = None,
+def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: CrowdDataset, spec: PatchSpec,
+                   device: torch.device, amp: bool = True, config: APAMConfig | None = None,
                    epochs: int = 6, restarts: int = 2, batch_size: int = 8, seed: int = 0, attack_through=None,
                    counter=None) -> tuple[dict, list[dict]]:
     """A fixed-budget probe: `restarts` fresh APAM patches (noise from seeds `seed`, `seed + 1`, ...), each optimised
@@ -243,11 +236,11 @@ def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: C
     try:
         best = None
         for r in range(restarts):  # restart r draws everything from seed + r: the same for every model probed
-            start = random_patch(side, torch.Generator().manual_seed(seed + r))
-            patch, _ = optimise_patch(attack_through or model, attack_set, start, mask.to(device), config,
-                                      device, epochs, 1, batch_size, seed + r, amp, desc=f"probe {r + 1}/{restarts}")
-            rows, _ = evaluate_patch(counter or model, test_set, patch, mask.to(device), config.placement,
-                                     config.transform, device, batch_size, seed, amp)
+            start = random_patch(spec.side, torch.Generator().manual_seed(seed + r))
+            patch, _ = optimise_patch(attack_through or model, attack_set, start, spec, config, device, epochs, 1,
+                                      batch_size, seed + r, amp, desc=f"probe {r + 1}/{restarts}")
+            rows, _ = evaluate_patch(counter or model, test_set, patch, spec, device, batch_size=batch_size, seed=seed,
+                                     amp=amp)
             metrics = patch_metrics(rows)
             if best is None or metrics["attacked"]["mae"] > best[0]["attacked"]["mae"]:
                 best = metrics, rows

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import binom
 from tqdm import tqdm
 
-from utils.ablation import FILL, ablate, units_per_image
+from utils.ablation import AblationSpec
 from utils.errors import ToolkitError
 from utils.metrics import summarize
 from utils.runtime import autocast
@@ -85,37 +85,27 @@ def certified_interval(samples: np.ndarray, delta_: float, alpha: float) -> tupl
 
 
 @torch.no_grad()
-def ablated_counts(model, image: torch.Tensor, keep: int, samples: int, unit: str = "element", fill: float = FILL,
-                   batch_size: int = 64, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Counts of `samples` independent ablations of one image (3, H, W), in batched forward passes."""
-    if samples < 1:
-        raise ToolkitError(f"the number of samples must be at least 1, got {samples}")
-    counts = []
-    for start in range(0, samples, batch_size):
-        n = min(batch_size, samples - start)
-        counts.append(model(ablate(image.expand(n, *image.shape), keep, unit, fill, generator)).sum(dim=(1, 2, 3)))
-    return torch.cat(counts).float()
-
-
-def certify_dataset(model, dataset, keep: int, samples: int, sides: list[int], alpha: float = 0.05,
-                    unit: str = "element", fill: float = FILL, batch_size: int = 64, device: torch.device | None = None,
-                    amp: bool = True, generator: torch.Generator | None = None) -> tuple[list[dict], dict]:
-    """Per image the smoothed (median) count and the certified [L, U] per patch side; plus the summary: smoothed
-    MAE / RMSE and per side the certified fraction, tight-MAE, tight-MSE and mean interval width."""
+def certify_dataset(model, dataset, spec: AblationSpec, samples: int, sides: list[int], alpha: float = 0.05,
+                    batch_size: int = 64, device: torch.device | None = None, amp: bool = True,
+                    generator: torch.Generator | None = None) -> tuple[list[dict], dict]:
+    """Per whole image the smoothed (median) count of `samples` ablations as `spec` says and the certified [L, U]
+    per patch side; plus the summary: smoothed MAE / RMSE and per side the certified fraction, tight-MAE,
+    tight-MSE and mean interval width."""
+    spec.check_fits(dataset.sizes())
     device = device or torch.device("cpu")
     rows = []
     for i in tqdm(range(len(dataset)), desc="certify", leave=False, dynamic_ncols=True):
         image, _, count = dataset[i]
-        d = units_per_image(image.shape, unit)
+        d = spec.units(image.shape)
         with autocast(device, amp):
-            ys = ablated_counts(model, image.to(device), keep, samples, unit, fill, batch_size, generator).cpu().numpy()
+            ys = spec.counts(model, image.to(device), samples, batch_size, generator).cpu().numpy()
         row = {"image": dataset.names[i], "gt": count, "smoothed": float(np.median(ys))}
         for s in sides:
-            row[f"L{s}"], row[f"U{s}"] = certified_interval(ys, delta(d, patch_units(s, unit), keep), alpha)
+            row[f"L{s}"], row[f"U{s}"] = certified_interval(ys, delta(d, patch_units(s, spec.unit), spec.keep), alpha)
         rows.append(row)
 
     gt = [r["gt"] for r in rows]
-    metrics = {"smoothed": summarize([r["smoothed"] for r in rows], gt), "keep": keep, "unit": unit,
+    metrics = {"smoothed": summarize([r["smoothed"] for r in rows], gt), **spec.to_dict(),
                "samples": samples, "alpha": alpha, "patch_sizes": {}}
     for s in sides:
         certified = [r for r in rows if not math.isnan(r[f"L{s}"])]
@@ -130,18 +120,18 @@ def certify_dataset(model, dataset, keep: int, samples: int, sides: list[int], a
 
 class SmoothedCounter(torch.nn.Module):
     """The median-smoothed counter as a model: its "density" is one pixel per image holding the median count of
-    `samples` ablations, so the attack's evaluation code can treat it like any counting model."""
+    `samples` ablations as `spec` says, so the attack's evaluation code can treat it like any counting model."""
 
-    def __init__(self, model: torch.nn.Module, keep: int, samples: int, unit: str = "element", fill: float = FILL,
-                 batch_size: int = 64, generator: torch.Generator | None = None):
+    def __init__(self, model: torch.nn.Module, spec: AblationSpec, samples: int, batch_size: int = 64,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.model, self.keep, self.samples, self.unit, self.fill = model, keep, samples, unit, fill
+        self.model, self.spec, self.samples = model, spec, samples
         self.batch_size, self.generator = batch_size, generator
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        counts = [ablated_counts(self.model, image, self.keep, self.samples, self.unit, self.fill, self.batch_size,
-                                 self.generator).quantile(0.5) for image in images]
+        counts = [self.spec.counts(self.model, image, self.samples, self.batch_size, self.generator).quantile(0.5)
+                  for image in images]
         return torch.stack(counts).view(-1, 1, 1, 1)
 
 

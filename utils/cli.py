@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import shlex
 import sys
 from collections.abc import Callable
@@ -9,10 +11,15 @@ from pathlib import Path
 
 import torch
 
-from datasets.crowd import DENSITY_SOURCES
+from datasets.crowd import DENSITY_SOURCES, CrowdDataset
+from datasets.synthetic import ensure_synthetic
+from models import MODEL_NAMES, build, canonical_name
 from utils import runs
+from utils.ablation import FILL, KEEP, UNITS, AblationSpec
 from utils.errors import ToolkitError
+from utils.patch import PLACEMENTS, SHAPES, PatchSpec, PatchTransform
 from utils.plots import FORMATS as FIGURE_FORMATS
+from utils.runtime import pick_device
 
 _UNSET = object()
 
@@ -82,8 +89,6 @@ def positive_float(text: str) -> float:
 def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn",
                    omitted: str = "a randomly initialised model") -> argparse._ArgumentGroup:
     """The "model" group: --model and --weights (`omitted`: what the script uses when --weights is not given)."""
-    from models import MODEL_NAMES, canonical_name
-
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default, type=canonical_name, choices=MODEL_NAMES,
                        help="network architecture (case-insensitive)")
@@ -151,10 +156,67 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return group
 
 
+def add_patch_args(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None,
+                   placement: bool = True) -> argparse._ArgumentGroup:
+    """The patch's shape, random transform ranges and (with `placement`) where it goes: with its side, a `PatchSpec`
+    (`patch_spec`). Added to `group`, else to a new "patch" group."""
+    group = group or parser.add_argument_group("patch")
+    group.add_argument("--patch-shape", default="circle", choices=SHAPES, help="mask of the patch")
+    group.add_argument("--rotation", type=float, default=PatchTransform.rotation,
+                       help="each application rotates the patch by a random angle in ±this, in degrees")
+    group.add_argument("--scale", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
+                       default=[PatchTransform.scale_min, PatchTransform.scale_max],
+                       help="each application scales the patch by a random factor in [MIN, MAX]")
+    group.add_argument("--brightness", type=float, default=PatchTransform.brightness,
+                       help="each application adds a random brightness shift in ±this, in [0, 1] pixel units")
+    if placement:
+        group.add_argument("--placement", default="center", choices=PLACEMENTS[:2],
+                           help="where the patch goes while it is optimised: the image centre, or a random "
+                                "position per image")
+    return group
+
+
+PATCH_FLAGS = ("patch_shape", "rotation", "scale", "brightness", "placement")
+
+
+def patch_spec(args: argparse.Namespace, side: int) -> PatchSpec:
+    """The `PatchSpec` the patch flags of `add_patch_args` describe, for a patch of `side` pixels."""
+    return PatchSpec(side, args.patch_shape, PatchTransform(args.rotation, *args.scale, args.brightness),
+                     getattr(args, "placement", "center"))
+
+
+def add_ablation_args(parser: argparse.ArgumentParser, trained: bool, keep: int = KEEP) -> argparse._ArgumentGroup:
+    """--keep, --unit, --fill: the `AblationSpec` to train with, or (not `trained`) overrides of the one the model's
+    checkpoint records (`ablation_spec`), with `keep` the default of a model that records none."""
+    group = parser.add_argument_group("ablation" if trained else "ablation (default: what the checkpoint records)")
+    default = {"keep": keep, "unit": "element", "fill": FILL} if trained else {"keep": None, "unit": None, "fill": None}
+    otherwise = "" if trained else "; omitted: the checkpoint's, else "
+    group.add_argument("--keep", type=positive_int, default=default["keep"],
+                       help="units kept per whole image (k)" + (otherwise and f"{otherwise}{keep}"))
+    group.add_argument("--unit", choices=UNITS, default=default["unit"],
+                       help="element: one of the 3·H·W values; pixel: one pixel, its 3 channels together"
+                            + (otherwise and f"{otherwise}element"))
+    group.add_argument("--fill", type=unit_interval, default=default["fill"],
+                       help="value of the ablated units, in [0, 1] pixel units" + (otherwise and f"{otherwise}{FILL}"))
+    return group
+
+
+def ablation_spec(args: argparse.Namespace, trained: AblationSpec | None, keep: int = KEEP) -> AblationSpec:
+    """The spec a model was trained with (`trained`; without one, `keep` and the default unit and fill), with each of
+    --keep, --unit, --fill that was given in its place; an override of a trained value is said."""
+    spec = trained or AblationSpec(keep)
+    for name in ("keep", "unit", "fill"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if trained is not None and value != getattr(trained, name):
+            print(f"--{name} {value} overrides the {name} {getattr(trained, name)} the model was trained with")
+        spec = dataclasses.replace(spec, **{name: value})
+    return spec
+
+
 def synthetic_splits() -> tuple[Path, Path]:
     """(train, test) splits of the cached synthetic crowd set, generated on first use."""
-    from datasets.synthetic import ensure_synthetic
-
     root = ensure_synthetic()
     print(f"no data given: using the synthetic crowd set at {root}")
     return root / "train_data", root / "test_data"
@@ -175,6 +237,22 @@ def resolve_splits(data: Path | None, train: Path | None = None,
     if train is None and test is None:
         return synthetic_splits()
     return tuple(None if split is None else check_split(split) for split in (train, test))
+
+
+def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
+                   ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset]:
+    """What every training script does first: device, model, train (crops) and test sets, then the run folder
+    (claimed only once the inputs are known to be good)."""
+    train_root, test_root = resolve_splits(args.data, args.train_data, args.test_data)
+    if train_root is None or test_root is None:
+        raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
+    device = pick_device(args.device)
+    model = build(args.model, args.weights, seed=args.seed)
+    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
+                                       max_images=args.max_train_images, erase=erase)
+    test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
+    out = run_dir(args, script, device, train_data=train_root, test_data=test_root)
+    return out, device, model, train_set, test_set
 
 
 def run_dir(args: argparse.Namespace, script: str, device: torch.device | None = None, **resolved) -> Path:
@@ -201,6 +279,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     stderr and exit status 2; a run that fails or is interrupted before doing any work leaves no folder behind."""
     argv = sys.argv[1:] if argv is None else argv
     runs.command = shlex.join(["python", parser.prog, *argv])
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the library's progress lines
     try:
         main(parser.parse_args(argv))
     except BaseException as e:

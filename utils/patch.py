@@ -1,12 +1,15 @@
 """The patch engine: a (3, s, s) patch in [0, 1] RGB with a circle or square mask, applied to a batch of images
 with random rotation, scale, brightness and placement, in one `affine_grid`/`grid_sample` on the device.
 
+A `PatchSpec` says which patch is applied and how (side, mask shape, transform ranges, placement); it is built once
+and carried by everything that applies, attacks with or certifies against a patch, and saved with the patch.
 Composite: x' = (1 - M) * x + M * P, differentiable with respect to the patch only.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -16,10 +19,10 @@ from utils.errors import ToolkitError
 from utils.io import atomic_write, save_checkpoint
 
 SHAPES = ("circle", "square")
-PLACEMENTS = ("center", "random", "sweep")
+PLACEMENTS = ("center", "random", "sweep")  # sweep: a grid of positions per image, for worst-case evaluation
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchTransform:
     """Ranges of the random transforms (the paper's: ±5°, ×[0.975, 1.025], ±0.05)."""
 
@@ -27,6 +30,12 @@ class PatchTransform:
     scale_min: float = 0.975
     scale_max: float = 1.025
     brightness: float = 0.05  # added to the patch, uniform in [-brightness, brightness]
+
+    def __post_init__(self):
+        if not (0 <= self.rotation <= 180 and 0 < min(self.scale_min, self.scale_max) and 0 <= self.brightness <= 1):
+            raise ToolkitError(f"patch transform out of range: rotation {self.rotation} (0 to 180 degrees), "
+                               f"scale {self.scale_min} to {self.scale_max} (positive), brightness {self.brightness} "
+                               "(0 to 1)")
 
     @classmethod
     def none(cls) -> PatchTransform:
@@ -70,19 +79,15 @@ def sample_centers(n: int, height: int, width: int, size: int, placement: str,
     raise ToolkitError(f"placement {placement!r} has no random draw; choose center or random (sweep is for evaluation)")
 
 
-def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, centers: torch.Tensor,
-                transform: PatchTransform | None = None, generator: torch.Generator | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _paste(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, centers: torch.Tensor,
+           transform: PatchTransform, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste `patch` (3, s, s) under `mask` (1, s, s) into every image of `images` (N, 3, H, W) at `centers` (N, 2).
 
     Each image gets its own random rotation, scale and brightness from `transform`. Returns the patched images
     and the (N, 1, H, W) coverage mask. Randomness is drawn on the CPU generator, then moved to the device.
     """
     n, _, h, w = images.shape
-    size = patch.shape[-1]
-    if size > min(h, w):
-        raise ToolkitError(f"patch side {size} is larger than the images ({h}×{w})")
-    t = transform or PatchTransform.none()
+    size, t = patch.shape[-1], transform
     u = torch.rand(n, 3, generator=generator)
     angle = torch.deg2rad((2 * u[:, 0] - 1) * t.rotation)
     scale = t.scale_min + u[:, 1] * (t.scale_max - t.scale_min)
@@ -99,7 +104,6 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, c
     ], dim=1).to(images.device, images.dtype, non_blocking=True)  # host to device: no wait for the device
 
     # Premultiplied alpha: sample [clamp(P + b) · M, M] together, so edges blend without darkening.
-    mask = mask.to(images.device, images.dtype)
     bright = bright.to(images.device, images.dtype, non_blocking=True).view(n, 1, 1, 1)
     shifted = (patch.to(images.dtype).unsqueeze(0) + bright).clamp(0, 1)
     source = torch.cat([shifted * mask, mask.expand(n, 1, size, size)], dim=1)
@@ -110,7 +114,7 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, c
 
 
 def footprint_side(size: int, shape: str, transform: PatchTransform) -> int:
-    """Side of the smallest square with at least as many pixels as one `apply_patch` can change, at any placement
+    """Side of the smallest square with at least as many pixels as one paste can change, at any placement
     and any draw of `transform`: a certificate for a patch of this side covers the engine's patch of `size`.
 
     A pixel changes only where bilinear sampling reaches a mask pixel centre, i.e. within 1 (per axis, in patch
@@ -129,20 +133,87 @@ def footprint_side(size: int, shape: str, transform: PatchTransform) -> int:
     return math.isqrt(bound - 1) + 1
 
 
-def save_patch(out: Path, patch: torch.Tensor, mask: torch.Tensor, shape: str, transform: PatchTransform,
-               extra: dict | None = None) -> None:
-    """`patch.pt` (tensor, mask and metadata), `patch.png` (the masked patch on white at its real size: one image
+@dataclass(frozen=True)
+class PatchSpec:
+    """Which patch is applied and how: its side in pixels, mask shape, random transform ranges and where it goes
+    (`center` or `random`; evaluation may also `sweep` a grid). Built once, from the command line or a saved patch,
+    and carried by the attack, the adversarial recipe, the probe attack and the certificates."""
+
+    side: int
+    shape: str = "circle"
+    transform: PatchTransform = field(default_factory=PatchTransform)
+    placement: str = "center"
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ToolkitError(f"unknown patch shape {self.shape!r}; choose from {', '.join(SHAPES)}")
+        if not isinstance(self.side, int) or self.side <= 0:
+            raise ToolkitError(f"patch side must be a positive number of pixels, got {self.side}")
+        if self.placement not in PLACEMENTS[:2]:
+            raise ToolkitError(f"placement {self.placement!r} has no random draw; choose center or random "
+                               "(sweep is for evaluation)")
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """(1, s, s): every pixel for `square`; pixel centres within s/2 of the centre for `circle`."""
+        return make_mask(self.side, self.shape)
+
+    @cached_property
+    def footprint_side(self) -> int:
+        """Side of a square holding at least as many pixels as one paste can change (rotation, scale and bilinear
+        rim included), and at least the nominal side: what a certificate must cover for this patch."""
+        return max(self.side, footprint_side(self.side, self.shape, self.transform))
+
+    def check_fits(self, side: int, what: str) -> None:
+        """The one check that the patch fits: `side` is the shortest side of `what` (images, crops...)."""
+        if self.side > side:
+            raise ToolkitError(f"patch side {self.side} is larger than {what} ({side} px)")
+
+    def paste(self, images: torch.Tensor, patch: torch.Tensor, centers: torch.Tensor,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paste `patch` (3, s, s) into every image of `images` (N, 3, H, W) at `centers` (N, 2) (x, y in pixels),
+        each with its own draw of the transform: (patched images, (N, 1, H, W) coverage)."""
+        h, w = images.shape[-2:]
+        self.check_fits(min(h, w), f"the images ({h}×{w})")
+        if patch.shape[-1] != self.side:
+            raise ToolkitError(f"a {patch.shape[-1]}-pixel patch does not match its spec (side {self.side})")
+        masks = self.__dict__.setdefault("_masks", {})  # the mask copied to each device and dtype once
+        key = (images.device, images.dtype)
+        if key not in masks:
+            masks[key] = self.mask.to(*key)
+        return _paste(images, patch, masks[key], centers, self.transform, generator)
+
+    def apply(self, images: torch.Tensor, patch: torch.Tensor, generator: torch.Generator | None = None,
+              placement: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`paste` at positions drawn by `placement` (default: the spec's)."""
+        n, _, h, w = images.shape
+        centers = sample_centers(n, h, w, self.side, placement or self.placement, generator)
+        return self.paste(images, patch, centers, generator)
+
+    def to_dict(self) -> dict:
+        return {"side": self.side, "shape": self.shape, "transform": asdict(self.transform),
+                "placement": self.placement}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchSpec:
+        return cls(int(d["side"]), d.get("shape", "circle"), PatchTransform(**d.get("transform", {})),
+                   d.get("placement", "center"))
+
+
+def save_patch(out: Path, patch: torch.Tensor, spec: PatchSpec, extra: dict | None = None) -> None:
+    """`patch.pt` (the tensor and its spec), `patch.png` (the masked patch on white at its real size: one image
     pixel per patch pixel, the printable artefact) and `patch_x8.png` (an enlarged view to look at: nearest-neighbour
     ×`VIEW_SCALE`, one white patch pixel of margin all round, the mask outline drawn in red just outside the mask)."""
     from PIL import Image
 
-    state = {"patch": patch.detach().cpu().float(), "mask": mask.cpu().float(), "size": patch.shape[-1],
-             "shape": shape, "transform": asdict(transform), **(extra or {})}
-    save_checkpoint(out / "patch.pt", state)
-    rgb = (patch.detach().cpu().float() * mask.cpu() + (1 - mask.cpu())).clamp(0, 1)
+    if patch.shape[-1] != spec.side:
+        raise ToolkitError(f"a {patch.shape[-1]}-pixel patch does not match its spec (side {spec.side})")
+    save_checkpoint(out / "patch.pt", {"patch": patch.detach().cpu().float(), "spec": spec.to_dict(), **(extra or {})})
+    mask = spec.mask
+    rgb = (patch.detach().cpu().float() * mask + (1 - mask)).clamp(0, 1)
     img = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     atomic_write(out / "patch.png", lambda tmp: img.save(tmp, format="PNG"))
-    view = Image.fromarray((enlarged_view(rgb, mask.cpu()).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    view = Image.fromarray((enlarged_view(rgb, mask).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     atomic_write(out / f"patch_x{VIEW_SCALE}.png", lambda tmp: view.save(tmp, format="PNG"))
 
 
@@ -165,8 +236,9 @@ def enlarged_view(rgb: torch.Tensor, mask: torch.Tensor, scale: int = VIEW_SCALE
     return big
 
 
-def load_patch(path: str | Path) -> dict:
-    """A saved patch: dict with `patch` (3, s, s), `mask` (1, s, s), `size`, `shape` and `transform`."""
+def load_patch(path: str | Path) -> tuple[torch.Tensor, PatchSpec]:
+    """A saved patch: the (3, s, s) tensor and the spec it was made with (files of older versions: their size, shape
+    and transform)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -178,9 +250,12 @@ def load_patch(path: str | Path) -> dict:
             or patch.shape[1] != patch.shape[2]:
         shape = tuple(patch.shape) if isinstance(patch, torch.Tensor) else None
         raise ToolkitError(f"{path} does not hold a (3, s, s) patch (found {shape})")
-    if state.get("mask") is None or tuple(state["mask"].shape) != (1, *patch.shape[1:]):
-        raise ToolkitError(f"{path}: mask does not match the patch size {patch.shape[-1]}")
-    return state
+    saved = state.get("spec") or {"side": patch.shape[-1], "shape": state.get("shape", "circle"),
+                                  "transform": state.get("transform", {})}
+    spec = PatchSpec.from_dict(saved)
+    if spec.side != patch.shape[-1]:
+        raise ToolkitError(f"{path}: the patch is {patch.shape[-1]} pixels wide, its spec says {spec.side}")
+    return patch, spec
 
 
 def patch_side(frac: float, reference: int = 1024) -> int:

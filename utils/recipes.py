@@ -9,37 +9,44 @@ import torch
 from tqdm import tqdm
 
 from datasets.crowd import CrowdDataset
-from utils.ablation import FILL, ablate, scaled_keep, units_per_image
+from utils.ablation import AblationSpec, mean_units
 from utils.attack import APAM, APAMConfig, attack_metrics
-from utils.certify import ablated_counts
 from utils.errors import ToolkitError
 from utils.metrics import summarize
-from utils.patch import apply_patch, sample_centers
+from utils.patch import PatchSpec, random_patch
 from utils.runtime import autocast
 from utils.training import Recipe
+
+# The training scripts' defaults: on the synthetic crowds, each run fits within about 10 minutes on 2 CPU cores
+# (ablated steps learn slowly, so the warm-up is short; adversarial training fine-tunes the cached victim)
+ABLATION_DEFAULTS = {"epochs": 12, "batch_size": 4, "crop": 128, "lr": 1e-3, "warmup_epochs": 3, "val_samples": 5}
+ADVERSARIAL_DEFAULTS = {"epochs": 6, "batch_size": 4, "crop": 128, "lr": 1e-4, "attack_steps": 5, "kappa": "paper",
+                        "attack_lr": 1e-3, "val_epochs": 6, "val_restarts": 2}
 
 
 class AblationRecipe(Recipe):
     """Clean warm-up epochs, then every step on a fresh ablation of the batch
     (the paper: 20 clean epochs, then 780 ablated).
 
-    A crop keeps the same fraction of its units as `keep` is of a whole image of `reference_units` (the mean
-    test image), so the density of kept units, and hence the scale of each one's contribution to the count,
-    is the one the certified model meets on whole images. Validation: the clean count, one ablation per image,
-    and the smoothed count (median of `val_samples` ablations), which picks best.pt; only the clean count during
-    the warm-up.
+    The ablations follow `spec` (a crop keeps the share of its units that k is of the spec's reference image, so
+    the density of kept units, and hence the scale of each one's contribution to the count, is the one the
+    certified model meets on whole images); the spec goes into every checkpoint (`ablation`), so smoothing and
+    certification use what the model was trained with. Validation: the clean count, one ablation per image, and
+    the smoothed count (median of `val_samples` ablations), which picks best.pt; only the clean count during the
+    warm-up.
     """
 
-    def __init__(self, keep: int, unit: str = "element", fill: float = FILL, warmup_epochs: int = 0,
-                 val_samples: int = 16, reference_units: int | None = None, batch_size: int = 64,
+    def __init__(self, spec: AblationSpec, warmup_epochs: int = 0, val_samples: int = 16, batch_size: int = 64,
                  generator: torch.Generator | None = None):
         if val_samples < 1:
             raise ToolkitError(f"the number of validation samples must be at least 1, got {val_samples}")
         if warmup_epochs < 0:
             raise ToolkitError(f"warm-up epochs must be at least 0, got {warmup_epochs}")
-        self.keep, self.unit, self.fill, self.warmup_epochs = keep, unit, fill, warmup_epochs
-        self.val_samples, self.reference_units, self.batch_size = val_samples, reference_units, batch_size
+        self.spec, self.warmup_epochs, self.val_samples, self.batch_size = spec, warmup_epochs, val_samples, batch_size
         self.generator = generator
+
+    def record(self) -> dict:
+        return {"ablation": self.spec.to_dict()}
 
     def state_dict(self) -> dict:  # so that a resumed run draws new ablations, not the first epochs' again
         return {"generator": self.generator.get_state()} if self.generator is not None else {}
@@ -48,12 +55,9 @@ class AblationRecipe(Recipe):
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
 
-    def keep_for(self, shape: tuple[int, ...]) -> int:
-        return scaled_keep(self.keep, shape, self.reference_units, self.unit)
-
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         if epoch >= self.warmup_epochs:
-            images = ablate(images, self.keep_for(images.shape), self.unit, self.fill, self.generator)
+            images = self.spec.ablate(images, self.generator, crop=True)
         return model.loss(images, targets)
 
     @torch.no_grad()
@@ -70,8 +74,7 @@ class AblationRecipe(Recipe):
             image = image.to(device)
             with autocast(device, amp):
                 clean = float(model(image[None]).float().sum())
-                counts = ablated_counts(model, image, min(self.keep, units_per_image(image.shape, self.unit)),
-                                        self.val_samples, self.unit, self.fill, self.batch_size, self.generator)
+                counts = self.spec.counts(model, image, self.val_samples, self.batch_size, self.generator)
             rows.append({"image": test_set.names[i], "gt": count, "pred": clean, "ablated": float(counts[0]),
                          "smoothed": float(np.median(counts.cpu().numpy()))})
         gt = [r["gt"] for r in rows]
@@ -99,20 +102,27 @@ class AdversarialRecipe(Recipe):
     """Adversarial training with a universal patch that co-evolves with the model (the paper's ADT): each step runs
     `attack_steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·loss(patched) + κ·loss(clean).
 
-    Validation: clean MAE / RMSE, and MAE / RMSE under a fresh APAM patch with the same budget every epoch
-    (`val_attack`: `attack_metrics` arguments from `attack_set` on); the attacked MAE of the epochs with κ < 1
-    picks best.pt.
+    The patch is applied as `spec` says, which goes into every checkpoint (`patch`). Validation: clean MAE / RMSE,
+    and MAE / RMSE under fresh APAM patches of the same spec with a fixed budget every epoch (`attack_metrics`:
+    `val_restarts` patches, each `val_epochs` passes over `attack_set`, drawn from `seed`); the attacked MAE of the
+    epochs with κ < 1 picks best.pt.
     """
 
-    def __init__(self, patch: torch.Tensor, mask: torch.Tensor, config: APAMConfig, attack_steps: int,
-                 kappa_spec: str | float, epochs: int, val_attack: dict, generator: torch.Generator | None = None,
-                 amp: bool = True):
+    def __init__(self, patch: torch.Tensor, spec: PatchSpec, config: APAMConfig, attack_steps: int,
+                 kappa_spec: str | float, epochs: int, attack_set: CrowdDataset, val_epochs: int = 6,
+                 val_restarts: int = 2, seed: int = 0, generator: torch.Generator | None = None, amp: bool = True):
         if attack_steps < 0:
             raise ToolkitError(f"the number of attack steps must be at least 0, got {attack_steps}")
         kappa(0, epochs, kappa_spec)  # fail early on a bad κ
-        self.config, self.attack_steps, self.kappa_spec, self.epochs = config, attack_steps, kappa_spec, epochs
-        self.val_attack, self.generator = val_attack, generator
-        self.attack = APAM(None, patch, mask, config, generator, amp)
+        spec.check_fits(attack_set.smallest_side(), "the smallest validation crop or image")
+        self.spec, self.config, self.attack_steps, self.kappa_spec, self.epochs = (spec, config, attack_steps,
+                                                                                   kappa_spec, epochs)
+        self.val_attack = {"attack_set": attack_set, "epochs": val_epochs, "restarts": val_restarts, "seed": seed}
+        self.generator = generator
+        self.attack = APAM(None, patch, spec, config, generator, amp)
+
+    def record(self) -> dict:
+        return {"patch": self.spec.to_dict()}
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         k = kappa(epoch, self.epochs, self.kappa_spec)
@@ -120,18 +130,15 @@ class AdversarialRecipe(Recipe):
         target = self.attack.batch_target(images, targets) if self.attack_steps else None
         for _ in range(self.attack_steps):
             self.attack.step(images, target)
-        n, _, h, w = images.shape
-        centers = sample_centers(n, h, w, self.attack.patch.shape[-1], self.config.placement, self.generator)
-        patched, _ = apply_patch(images, self.attack.patch, self.attack.mask, centers, self.config.transform,
-                                 self.generator)
+        patched, _ = self.spec.apply(images, self.attack.patch, self.generator)
         adversarial = model.loss(patched, targets) if k < 1 else 0.0
         return (1 - k) * adversarial + k * model.loss(images, targets)
 
     def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
                  epoch: int) -> tuple[dict, list[dict]]:
         model.eval()
-        metrics, rows = attack_metrics(model, test_set=test_set, side=self.attack.patch.shape[-1],
-                                       mask=self.attack.mask, device=device, amp=amp, **self.val_attack)
+        metrics, rows = attack_metrics(model, test_set=test_set, spec=self.spec, device=device, amp=amp,
+                                       **self.val_attack)
         k = kappa(epoch, self.epochs, self.kappa_spec)
         attacked = metrics["attacked"]
         # best.pt is picked among the epochs that trained on patches (κ < 1), so it is never a clean-only model
@@ -150,3 +157,23 @@ class AdversarialRecipe(Recipe):
             self.attack.velocity = state["velocity"].to(self.attack.velocity.device)
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
+
+
+def ablation_recipe(test_set: CrowdDataset, keep: int, unit: str, fill: float, warmup_epochs: int, val_samples: int,
+                    seed: int, device: torch.device) -> AblationRecipe:
+    """Ablation training as the scripts run it: k refers to a whole image of the mean test size (a crop keeps the
+    same share of its units); ablations drawn on the device from `seed`."""
+    spec = AblationSpec(keep, unit, fill, mean_units(test_set.sizes(), unit))
+    return AblationRecipe(spec, warmup_epochs, val_samples, generator=torch.Generator(device=device).manual_seed(seed))
+
+
+def adversarial_recipe(model: torch.nn.Module, test_set: CrowdDataset, spec: PatchSpec, config: APAMConfig, *,
+                       crop: int, attack_steps: int, kappa_spec: str | float, epochs: int, val_epochs: int,
+                       val_restarts: int, seed: int, device: torch.device, amp: bool = True) -> AdversarialRecipe:
+    """Adversarial training as the scripts run it: the patch starts as noise drawn from `seed`; the validation
+    probes are fitted on `crop`-pixel crops of the test images (cheap, every epoch) and scored on the whole ones."""
+    gen = torch.Generator().manual_seed(seed)
+    attack_set = CrowdDataset.for_model(test_set.root, model, density=test_set.density, crop=crop,
+                                        max_images=len(test_set))
+    return AdversarialRecipe(random_patch(spec.side, gen).to(device), spec, config, attack_steps, kappa_spec, epochs,
+                             attack_set, val_epochs, val_restarts, seed, gen, amp)

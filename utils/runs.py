@@ -62,6 +62,15 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def recorded_args(parser: argparse.ArgumentParser, record: dict, **changes) -> argparse.Namespace:
+    """The arguments a run recorded (its args.json) as the parser would give them, with `changes` (e.g. another
+    out); flags the record lacks take their defaults."""
+    args = argparse.Namespace(**{a.dest: _restore(a, record[a.dest]) if a.dest in record else a.default
+                                 for a in parser._actions if a.default is not argparse.SUPPRESS})
+    vars(args).update(changes)
+    return args
+
+
 def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """`args` with every setting taken from the checkpoint of the run in `args.out` (last.pt); a flag given on the
     command line that contradicts the recorded value is an error, except a larger `--epochs`, which extends it."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +44,6 @@ def derived_seed(*keys: int) -> int:
 def derived_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded with `derived_seed(*keys)`."""
     return torch.Generator().manual_seed(derived_seed(*keys))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def autocast(device: torch.device, enabled: bool = True):

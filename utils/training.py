@@ -2,7 +2,7 @@
 best/last. What a step minimises and how an epoch is validated is a `Recipe` (plain, ablation, adversarial)."""
 from __future__ import annotations
 
-import argparse
+import logging
 import math
 from functools import partial
 from pathlib import Path
@@ -12,14 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.crowd import CrowdDataset
-from models import build
-from utils import cli
 from utils.engine import evaluate, load_run_checkpoint, save_run_checkpoint, train_one_epoch
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.metrics import mae
 from utils.plots import curve_figure
-from utils.runtime import derived_generator, pick_device, prepare_model, seed_everything
+from utils.runtime import derived_generator, prepare_model
+
+log = logging.getLogger(__name__)
 
 # train.py's defaults: MCNN on the synthetic crowds reaches ~0.2x the mean-count baseline MAE in ~3 CPU minutes
 DEFAULTS = {"epochs": 40, "batch_size": 4, "crop": 128, "lr": 1e-3}
@@ -29,7 +29,8 @@ class Recipe:
     """Plain training: `model.loss` on the clean batch, validation by clean MAE / RMSE of whole test images.
 
     Subclasses change the step loss (e.g. on ablated or patched inputs) and the validation; whatever state they
-    carry between steps goes through `state_dict` into the checkpoints, so `--resume` restores it.
+    carry between steps goes through `state_dict` into the checkpoints, so a resumed run restores it, and the
+    settings a checkpoint's user needs (the ablation or patch spec) through `record`.
     """
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -47,22 +48,9 @@ class Recipe:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-
-def setup(args: argparse.Namespace, script: str, erase: float = 0.0
-          ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset]:
-    """What every training script does first: device, seed, model, train (crops) and test sets, then the run
-    folder (claimed only once the inputs are known to be good)."""
-    train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
-    if train_root is None or test_root is None:
-        raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
-    device = pick_device(args.device)
-    seed_everything(args.seed)
-    model = build(args.model, args.weights)
-    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
-                                       max_images=args.max_train_images, erase=erase)
-    test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-    out = cli.run_dir(args, script, device, train_data=train_root, test_data=test_root)
-    return out, device, model, train_set, test_set
+    def record(self) -> dict:
+        """Settings written at the top level of every checkpoint (e.g. `ablation`: the spec trained with)."""
+        return {}
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -70,6 +58,15 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.opti
     resumed with more epochs continues on the longer schedule's curve."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs)))
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Load a schedule's state and set the rate of the epoch it stands at from the schedule as built now (a resumed
+    run with more epochs takes the longer curve's rate at once, not the saved one)."""
+    scheduler.load_state_dict(state)
+    for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                 strict=True):
+        group["lr"] = base * rate(scheduler.last_epoch)
 
 
 def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset, out: Path, *, epochs: int,
@@ -83,8 +80,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     uninterrupted one. The curves go to curves.<figure_format> and test_mae.<figure_format> (png, pdf or svg)."""
     recipe = recipe or Recipe()
     train_counts = train_set.counts()
-    if hasattr(model, "level_width"):  # CMTL's 10 density-level classes split the training counts
-        model.level_width.fill_(max(float(train_counts.max()) / 10, 1.0))
+    model.adapt_to_counts(train_counts)
     model = prepare_model(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, epochs)
@@ -99,10 +95,10 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     start, history, best = 0, [], float("inf")
     if resume:
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+        restore_schedule(scheduler, state["scheduler"])
         recipe.load_state_dict(state.get("recipe", {}))
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
-        print(f"resumed from {out / 'last.pt'} at epoch {start + 1}")
+        log.info(f"resumed from {out / 'last.pt'} at epoch {start + 1}")
 
     baseline = mae(np.full(len(test_set), train_counts.mean()), test_set.counts())
     for epoch in range(start, epochs):
@@ -112,11 +108,11 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         metrics, rows = recipe.validate(model, test_set, device, amp, epoch)
         history.append({"epoch": epoch + 1, "loss": loss, **metrics})
         shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-        print(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}  test {shown}  (mean-count baseline MAE {baseline:.2f})")
+        log.info(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}  test {shown}  (mean-count baseline MAE {baseline:.2f})")
         if rows and all(r.get("pred") == 0 for r in rows):
-            print("warning: the model predicts exactly 0 everywhere (a dead final ReLU, as MCNN/CMTL's original init "
-                  "can give); try another --seed or a lower --lr")
-        extra = {"scheduler": scheduler.state_dict(), "recipe": recipe.state_dict()}
+            log.warning("warning: the model predicts exactly 0 everywhere (a dead final ReLU, as MCNN/CMTL's original "
+                        "init can give); try another seed or a lower learning rate")
+        extra = {"scheduler": scheduler.state_dict(), "recipe": recipe.state_dict(), **recipe.record()}
         if metrics["mae"] < best:
             best = metrics["mae"]
             save_run_checkpoint(out / "best.pt", model, optimizer, epoch, record or {}, history, best, extra)
@@ -139,8 +135,8 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
                                                      "mean-count baseline": [baseline] * len(history)},
                  ylabel="MAE (people)", title=f"test MAE per epoch ({model.name}, {len(test_set)} images)")
     if best_row is None:  # e.g. adversarial training with kappa 1 throughout: no epoch may become best.pt
-        print("no epoch was eligible for best.pt (validation MAE undefined); only last.pt was written")
+        log.info("no epoch was eligible for best.pt (validation MAE undefined); only last.pt was written")
     else:
-        print(f"test MAE {last['mae']:.2f} vs mean-count baseline {baseline:.2f} "
+        log.info(f"test MAE {last['mae']:.2f} vs mean-count baseline {baseline:.2f} "
               f"(ratio {summary['mae_over_baseline']:.3f})")
     return summary

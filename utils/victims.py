@@ -1,6 +1,7 @@
 """The embedded default victim: a model trained on the synthetic crowds with train.py's defaults, cached."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -9,10 +10,12 @@ import torch
 
 from datasets.crowd import CrowdDataset
 from datasets.synthetic import VERSION as SYNTHETIC_VERSION
+from datasets.synthetic import ensure_synthetic
 from models import build
-from utils.cli import synthetic_splits
-from utils.runtime import cache_dir, seed_everything
+from utils.runtime import cache_dir
 from utils.training import DEFAULTS, fit
+
+log = logging.getLogger(__name__)
 
 RECIPE = 3  # bump when the training recipe or its random draws change (the synthetic set has its own version)
 ERASE = 0.5  # random erasing with noise: the victim should count heads, not busy texture
@@ -23,12 +26,11 @@ def synthetic_victim(name: str = "mcnn", device: torch.device | None = None) -> 
     root = cache_dir() / "victims" / f"{name}-synthetic{SYNTHETIC_VERSION}-recipe{RECIPE}"
     if (root / "metrics.json").is_file():
         return root / "last.pt"
-    print(f"no victim given: training {name} on the synthetic crowds once, cached in {root}")
-    train_root, test_root = synthetic_splits()
-    seed_everything(0)
-    model = build(name)
-    train_set = CrowdDataset.for_model(train_root, model, crop=DEFAULTS["crop"], erase=ERASE)
-    test_set = CrowdDataset.for_model(test_root, model)
+    log.info(f"no victim given: training {name} on the synthetic crowds once, cached in {root}")
+    data = ensure_synthetic()
+    model = build(name, seed=0)
+    train_set = CrowdDataset.for_model(data / "train_data", model, crop=DEFAULTS["crop"], erase=ERASE)
+    test_set = CrowdDataset.for_model(data / "test_data", model)
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     try:
