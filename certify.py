@@ -34,12 +34,7 @@ from utils.runtime import pick_device, prepare_model
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser, omitted="required (except with --bound-table)")
-    group = parser.add_argument_group("data (ShanghaiTech layout)")
-    group.add_argument("--data", type=Path,
-                       help="ONE split folder holding images/ and ground_truth/, e.g. "
-                            "ShanghaiTech/part_A_final/test_data (not the dataset root); omitted: the test_data/ "
-                            f"split of {cli.SYNTHETIC}")
-    group.add_argument("--max-images", type=cli.positive_int, help="certify only the first N images")
+    group = cli.add_split_args(parser, "certify")
     cli.add_ablation_args(parser, trained=False)
     group = parser.add_argument_group("certificate")
     group.add_argument("--samples", type=int, default=1000, help="ablations per image (N)")

@@ -22,15 +22,10 @@ from utils.victims import synthetic_victim
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     cli.add_model_args(parser, omitted="the model trained once on the synthetic crowds (cached); required with --data")
-    group = parser.add_argument_group("data (ShanghaiTech layout)")
-    group.add_argument("--data", type=Path,
-                       help="ONE split folder holding images/ and ground_truth/, e.g. "
-                            "ShanghaiTech/part_A_final/test_data (not the dataset root); omitted: the test_data/ "
-                            f"split of {cli.SYNTHETIC}")
+    group = cli.add_split_args(parser, "evaluate")
     group.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
                        help="density maps used for the GAME targets: adaptive or fixed kernel from the head points, "
                             "or the ground_truth/IMG_<i>.h5 files (counts always come from the points)")
-    group.add_argument("--max-images", type=cli.positive_int, help="evaluate only the first N images")
     group = parser.add_argument_group("output")
     group.add_argument("--figures", type=int, default=4,
                        help="write density figures (ground truth beside prediction) for the first N images")

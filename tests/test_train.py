@@ -116,6 +116,7 @@ def test_resume_refuses_contradicting_flags_and_records_a_longer_run(tiny_crowds
 def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
     cases = [
         (_argv(tiny_crowds, tmp_path / "a", "--resume"), "nothing to resume"),
+        (_argv(tiny_crowds, tmp_path / "a", "--resume", "--overwrite"), "give one of them"),
         (_argv(tmp_path / "nowhere", tmp_path / "b"), "data split not found"),
         (_argv(tiny_crowds, tmp_path / "c", "--crop", "30"), "crop must be a positive multiple of 4"),
         (["--model", "vgg", "--data", str(tiny_crowds)], "argument --model: invalid choice: 'vgg'"),

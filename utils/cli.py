@@ -124,6 +124,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return group
 
 
+def add_split_args(parser: argparse.ArgumentParser, verb: str) -> argparse._ArgumentGroup:
+    """The "data" group of the scripts that read one split: --data (a split, not a root) and --max-images."""
+    group = parser.add_argument_group("data (ShanghaiTech layout)")
+    group.add_argument("--data", type=Path,
+                       help="ONE split folder holding images/ and ground_truth/, e.g. "
+                            "ShanghaiTech/part_A_final/test_data (not the dataset root); omitted: the test_data/ "
+                            f"split of {SYNTHETIC}")
+    group.add_argument("--max-images", type=positive_int, help=f"{verb} only the first N images")
+    return group
+
+
 def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argparse._ArgumentGroup:
     """The optimisation flags of every training script (`defaults`: epochs, batch_size, crop, lr); returns the
     "training" group so a script can add its own training flags to it."""

@@ -76,6 +76,8 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     command line that contradicts the recorded value is an error, except a larger `--epochs`, which extends it."""
     if args.out is None:
         raise ToolkitError("--resume needs --out, the run folder holding last.pt")
+    if getattr(args, "overwrite", False):
+        raise ToolkitError("--resume continues the run in --out, --overwrite starts it again: give one of them")
     if not (args.out / "last.pt").is_file():
         raise ToolkitError(f"nothing to resume: {args.out / 'last.pt'} does not exist")
     recorded = load_checkpoint(args.out / "last.pt").get("args", {})
