@@ -1,34 +1,47 @@
-"""Certified count bounds of an ablation-trained model against any patch of the given sizes, placed anywhere.
+"""Certified counting: per image the certified counter's count and an interval [L, U] that holds it under any
+patch of the given sizes placed anywhere, with tight-MAE / MSE (our definition: per image with true count c the worst
+error inside the certificate, max(|L − c|, |U − c|); its mean / root mean square over the certified images).
 
-The smoothed count is the median of the model's count over N random ablations of the image (each keeps k of its
-d units). For a patch of side s covering ρ units (3s² elements or s² pixels), Δ = 1 − C(d−ρ, k)/C(d, k) bounds how
-far the patch can move the ablated-count distribution, so the attacked median lies in [L, U] (order statistics of
-the N clean samples) with confidence 1 − α. Tight-MAE / MSE (our definition): per image with true count c the worst
-error inside the certificate, max(|L − c|, |U − c|); its mean / root mean square over the certified images.
-The ablation (k, unit, fill) is the one the model's checkpoint records; --keep, --unit and --fill override it.
+Methods (--method):
+  ablation  the median count over N random ablations (each keeps k of the image's d units); Δ = 1 − C(d−ρ, k)/C(d, k)
+            bounds how far a patch covering ρ units can move it, so [L, U] are order statistics of the N clean
+            samples, with confidence 1 − α. The ablation (k, unit, fill) is the one the checkpoint records.
+  rf-clip   the count of the density clipped to [0, dmax]; a patch can change only the output cells whose receptive
+            field it reaches, one window of them, so [L, U] follow from the window sums: deterministic, any content.
+  rf-mask   per patch side, the total minus the densest window plus a constant c; deterministic as rf-clip.
+The receptive-field methods need dmax and c from a train split (--calibrate SPLIT, saved as calibration.json) or an
+earlier calibration (--calibration FILE). Each side is certified for the pixels the toolkit's patch of that side can
+change (its rotation, scale and bilinear rim: `--patch-shape`, `--rotation`, `--scale`, `--brightness`).
 
     python certify.py --model mcnn --weights runs/certify_train/<run>/best.pt \\
         --data ShanghaiTech/part_A_final/test_data
+    python certify.py --method rf-mask --weights path/to/mcnn_shtechA_660.h5 \\
+        --data ShanghaiTech/part_A_final/test_data --calibrate ShanghaiTech/part_A_final/train_data
     python certify.py --bound-table --d 2150400 --keep 45 --patch-sizes 20 40 81 163
 """
 from __future__ import annotations
 
 import argparse
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from datasets.crowd import CrowdDataset
 from models import build
+from models.receptive_field import receptive_field
 from models.weights import read_weights_file
 from utils import cli
 from utils.ablation import AblationSpec
-from utils.certify import bound_table, certify_dataset
+from utils.certify import AblationCertifier, Certifier, bound_table, certify_split
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
-from utils.patch import PatchSpec, PatchTransform
-from utils.plots import interval_figure
+from utils.plots import interval_figure, window_figure
+from utils.rf_certify import DMAX_QUANTILE, Calibration, RFClipCertifier, RFMaskCertifier, calibrate, window_box
 from utils.runtime import pick_device, prepare_model
+
+METHODS = ("ablation", "rf-clip", "rf-mask")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -37,12 +50,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = cli.add_split_args(parser, "certify")
     cli.add_ablation_args(parser, trained=False)
     group = parser.add_argument_group("certificate")
-    group.add_argument("--samples", type=int, default=1000, help="ablations per image (N)")
-    group.add_argument("--alpha", type=float, default=0.05, help="1 − confidence of the ablation certificate")
+    group.add_argument("--method", default="ablation", choices=METHODS, help="the certified counter")
     group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, 40, 81, 163],
-                       help="sides s of the square patches to certify against, in pixels")
+                       help="sides s of the patches to certify against, in pixels")
+    cli.add_patch_args(parser, group, placement=False)
+    group.add_argument("--samples", type=int, default=1000, help="ablation: ablations per image (N)")
+    group.add_argument("--alpha", type=float, default=0.05, help="ablation: 1 − confidence of the certificate")
     group.add_argument("--batch-size", type=cli.positive_int, default=64,
-                       help="ablations per forward pass (lower it if memory runs out)")
+                       help="ablation: ablations per forward pass (lower it if memory runs out); receptive field: "
+                            "images per forward pass")
+    group.add_argument("--calibrate", type=Path,
+                       help="rf-clip / rf-mask: a train split (images/, ground_truth/) to measure dmax and c on")
+    group.add_argument("--calibration", type=Path, help="rf-clip / rf-mask: the calibration.json of an earlier run")
+    group.add_argument("--dmax-quantile", type=cli.unit_interval, default=DMAX_QUANTILE,
+                       help="rf-clip: dmax is this quantile of the clean output cells of the calibration split")
+    group.add_argument("--figures", type=int, default=4,
+                       help="rf-clip / rf-mask: figures of the first N images marking the windows where a patch of "
+                            "the largest side hides and adds the most people")
     group = parser.add_argument_group("bound table (no model or data needed)")
     group.add_argument("--bound-table", action="store_true",
                        help="print, per patch size, C(d−ρ, k)/C(d, k) (an ablation misses the patch) and "
@@ -73,6 +97,56 @@ def trained_ablation(weights: Path) -> AblationSpec | None:
     return trained
 
 
+def _certifier(args: argparse.Namespace, model, dataset: CrowdDataset, sides: list[int], out_extra: dict,
+               device: torch.device) -> Certifier:
+    """The certifier --method asks for, with its settings checked (the calibration measured or loaded)."""
+    if args.method == "ablation":
+        spec = cli.ablation_spec(args, trained_ablation(args.weights))
+        spec.check_fits(dataset.sizes())
+        out_extra.update(keep=spec.keep, unit=spec.unit, fill=spec.fill)
+        return AblationCertifier(spec, args.samples, args.alpha, args.batch_size,
+                                 torch.Generator(device=device).manual_seed(args.seed))
+    rf = receptive_field(model)
+    if args.calibration is not None:
+        calibration = Calibration.load(args.calibration)
+        if calibration.receptive_field and calibration.receptive_field != asdict(rf):
+            raise ToolkitError(f"{args.calibration} was measured for the receptive field "
+                               f"{calibration.receptive_field}, not this model's {asdict(rf)}")
+    elif args.calibrate is not None:
+        split = CrowdDataset.for_model(cli.check_split(args.calibrate), model)
+        calibration = calibrate(prepare_model(model, device).eval(), split, rf, sides, device, args.dmax_quantile,
+                                args.amp)
+    else:
+        raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "
+                           "--calibration FILE")
+    return (RFClipCertifier if args.method == "rf-clip" else RFMaskCertifier)(rf, calibration)
+
+
+def _by_nominal_side(row: dict, cover: dict[int, int]) -> dict:
+    """A row's per-side columns under the sides asked for, from those of the sides certified (`cover`)."""
+    kept = {k: v for k, v in row.items() if k in ("index", "image", "gt", "count")}
+    for s, c in cover.items():
+        kept.update({f"{key}{s}": row[f"{key}{c}"] for key in ("count", "L", "U", "hide", "add") if f"{key}{c}" in row})
+    return kept
+
+
+def _window_figures(out: Path, rows: list[dict], dataset: CrowdDataset, model, certifier, side: int, covered: int,
+                    shown: int, fmt: str, device: torch.device) -> None:
+    """The image and its density, with the windows where a patch of `side` (certified as `covered`) hides (red)
+    and adds (blue) the most."""
+    for row in rows[:shown]:
+        image = dataset[row["index"]][0]
+        with torch.no_grad():
+            density = model(image[None].to(device)).float().clamp_min(0)[0].cpu()
+        boxes = [(f"hides the most: L = {row[f'L{side}']:.1f}",
+                  window_box(certifier.rf, covered, row[f"hide{side}"], image.shape[-2:]), "red"),
+                 (f"adds the most: U = {row[f'U{side}']:.1f}",
+                  window_box(certifier.rf, covered, row[f"add{side}"], image.shape[-2:]), "blue")]
+        count = row.get(f"count{side}", row.get("count"))
+        window_figure(out / "figures" / f"{Path(row['image']).stem}.{fmt}", image, density, boxes,
+                      f"{row['image']}: {certifier.method} count {count:.1f}, truth {row['gt']:.0f}, patch {side} px")
+
+
 def main(args: argparse.Namespace) -> dict:
     if not 0 < args.alpha < 1:
         raise ToolkitError(f"--alpha must lie in (0, 1), got {args.alpha}")
@@ -88,26 +162,42 @@ def main(args: argparse.Namespace) -> dict:
         raise ToolkitError("--weights is required: the model to certify (e.g. runs/certify_train/<run>/best.pt)")
     device = pick_device(args.device)
     model = build(args.model, args.weights)
-    spec = cli.ablation_spec(args, trained_ablation(args.weights))
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, max_images=args.max_images)
-    spec.check_fits(dataset.sizes())
-    for side in args.patch_sizes:  # the threat: an s×s square anywhere
-        PatchSpec(side, "square", PatchTransform.none()).check_fits(dataset.smallest_side(), "the smallest image side")
-    out = cli.run_dir(args, "certify", device, data=split, keep=spec.keep, unit=spec.unit, fill=spec.fill)
+    # each side is certified for every pixel the toolkit's patch of that side can change
+    specs = {s: cli.patch_spec(args, s) for s in args.patch_sizes}
+    for spec in specs.values():
+        spec.check_fits(dataset.smallest_side(), "the smallest image side")
+    cover = {s: spec.footprint_side for s, spec in specs.items()}
+    sides, resolved = sorted(set(cover.values())), {}
+    certifier = _certifier(args, model, dataset, sides, resolved, device)
+    out = cli.run_dir(args, "certify", device, data=split, **resolved)
+    if isinstance(certifier, (RFClipCertifier, RFMaskCertifier)):
+        certifier.calibration.save(out / "calibration.json")
     model = prepare_model(model, device).eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    rows, metrics = certify_dataset(model, dataset, spec, args.samples, args.patch_sizes, args.alpha, args.batch_size,
-                                    device, args.amp, generator)
+    start = time.perf_counter()
+    rows, metrics = certify_split(certifier, model, dataset, sides, device, args.amp,
+                                  args.batch_size if args.method != "ablation" else 1)
+    seconds = (time.perf_counter() - start) / len(rows)
+    metrics["patch_sizes"] = {str(s): {"certified_side": c, **metrics["patch_sizes"][str(c)]} for s, c in cover.items()}
+    rows = [_by_nominal_side(row, cover) for row in rows]
+    metrics.update(seconds_per_image=seconds, images=len(rows),
+                   forward_passes_per_image=args.samples if args.method == "ablation" else 1)
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     interval_figure(out / f"intervals.{args.figure_format}", rows, args.patch_sizes)
-    print(f"smoothed counts: MAE {metrics['smoothed']['mae']:.2f}  RMSE {metrics['smoothed']['mse']:.2f}")
+    if args.method != "ablation" and args.figures > 0:
+        largest = max(args.patch_sizes)
+        _window_figures(out, rows, dataset, model, certifier, largest, cover[largest], args.figures,
+                        args.figure_format, device)
+    if metrics["counter"] is not None:
+        print(f"{args.method} counts: MAE {metrics['counter']['mae']:.2f}  RMSE {metrics['counter']['mse']:.2f}")
     for s, m in metrics["patch_sizes"].items():
-        print(f"  patch {s:>4}px: certified {m['certified_fraction']:.0%}  tight-MAE {m['tight_mae']:.2f}  "
-              f"tight-MSE {m['tight_mse']:.2f}  mean width {m['mean_width']:.2f}")
-    print(f"-> {out}")
+        print(f"  patch {s:>4}px (as {m['certified_side']}px): counter MAE {m['mae']:.2f}  certified "
+              f"{m['certified_fraction']:.0%}  tight-MAE {m['tight_mae']:.2f}  tight-MSE {m['tight_mse']:.2f}  mean "
+              f"width {m['mean_width']:.2f}")
+    print(f"{seconds:.3f} s per image -> {out}")
     return metrics
 
 

@@ -19,7 +19,7 @@ from models import MODEL_NAMES, build, canonical_name
 from utils import cli
 from utils.ablation import AblationSpec
 from utils.attack import DEFAULT_SIDE, APAMConfig, attack_metrics
-from utils.certify import SmoothedCounter, certify_dataset
+from utils.certify import AblationCertifier, SmoothedCounter, certify_split
 from utils.errors import ToolkitError
 from utils.io import atomic_write, load_checkpoint, save_json
 from utils.plots import bar_figure
@@ -158,10 +158,10 @@ def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argpar
     if kind == "ra":
         # certified for each probe's footprint (rotation, scale and bilinear rim included), at least its side
         cover = {s: spec.footprint_side for s, spec in specs.items()}
-        _, cert = certify_dataset(model, test_set, ablation, args.samples, sorted(set(cover.values())), args.alpha,
-                                  device=device, amp=args.amp, generator=gen)
+        certifier = AblationCertifier(ablation, args.samples, args.alpha, generator=gen)
+        _, cert = certify_split(certifier, model, test_set, sorted(set(cover.values())), device, args.amp)
         cert["patch_sizes"] = {str(s): {"certified_side": c, **cert["patch_sizes"][str(c)]} for s, c in cover.items()}
-        result.update(clean=cert["smoothed"], certificate=cert)
+        result.update(clean=cert["counter"], certificate=cert)
     return result
 
 

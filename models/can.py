@@ -18,6 +18,7 @@ class CANNet(nn.Module):
         self.frontend = make_layers(FRONTEND, 3)
         self.backend = make_layers(BACKEND, 1024, dilation=2)  # reads cat(features, context)
         self.output_layer = nn.Conv2d(64, 1, 1)
+        self.scale_pools = nn.ModuleList(nn.AdaptiveAvgPool2d(s) for s in SCALES)  # no weights: keys unchanged
         # Per scale S: convS_1 transforms the S x S pooled features, convS_2 weighs their contrast.
         for s in SCALES:
             setattr(self, f"conv{s}_1", nn.Conv2d(512, 512, 1, bias=False))
@@ -26,8 +27,8 @@ class CANNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fv = self.frontend(x)
         weighted = weights = 0
-        for s in SCALES:
-            scale = getattr(self, f"conv{s}_1")(F.adaptive_avg_pool2d(fv, s))
+        for s, pool in zip(SCALES, self.scale_pools, strict=True):
+            scale = getattr(self, f"conv{s}_1")(pool(fv))
             scale = F.interpolate(scale, size=fv.shape[-2:], mode="bilinear", align_corners=False)
             w = torch.sigmoid(getattr(self, f"conv{s}_2")(scale - fv))
             weighted, weights = weighted + w * scale, weights + w

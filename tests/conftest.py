@@ -64,6 +64,36 @@ def tiny_ra_mcnn(tiny_crowds, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_counter():
+    """Factory of tiny fully convolutional counters by name ("conv-pool", stride 2; "dilated", stride 4;
+    "upsampling", a transposed convolution, stride 1): leaky activations and no final ReLU, so every path can show
+    a change."""
+    import torch
+    from torch import nn
+
+    from models.counter import CrowdCounter
+
+    nets = {
+        "conv-pool": (2, lambda: [nn.Conv2d(3, 4, 5, padding=2), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(4, 1, 1)]),
+        "dilated": (4, lambda: [nn.Conv2d(3, 4, 3, padding=1), nn.PReLU(), nn.MaxPool2d(2),
+                                nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+                                nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(4, 1, 1)]),
+        "upsampling": (1, lambda: [nn.Conv2d(3, 4, 5, padding=2), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+                                   nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1),
+                                   nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1), nn.LeakyReLU(0.1),
+                                   nn.Conv2d(4, 1, 1)]),
+    }
+
+    def make(name: str, seed: int = 0) -> CrowdCounter:
+        stride, layers = nets[name]
+        torch.manual_seed(seed)
+        return CrowdCounter(name, nn.Sequential(*layers()), stride=stride, size_multiple=4, native_channels=3).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_ra_pixel(tiny_crowds, tmp_path_factory) -> Path:
     """Run folder of MCNN_certify_train.py with a non-default ablation: 300 pixels kept, filled with 0.5."""
     import MCNN_certify_train as script

@@ -31,7 +31,7 @@ def test_certification_writes_intervals_that_contain_the_smoothed_count(tiny_mcn
     assert small["certified_fraction"] == 1.0 and math.isfinite(small["tight_mae"])
     assert large["certified_fraction"] == 0.0  # Δ(36864, 1728, 45) = 0.88: a 24 px patch can do anything
     for row in csv.DictReader(open(tmp_path / "per_image.csv")):
-        assert float(row["L4"]) <= float(row["smoothed"]) <= float(row["U4"])
+        assert float(row["L4"]) <= float(row["count"]) <= float(row["U4"])
     assert (tmp_path / "intervals.png").is_file()
 
 

@@ -71,7 +71,7 @@ def test_the_suffix_picks_the_format(tmp_path, suffix, magic):
     written = [density_figure(tmp_path / f"d.{suffix}", image, panels, truth=3),
                curve_figure(tmp_path / f"c.{suffix}", {"loss": [3.0, 2.0, 1.0]}, title="loss"),
                bar_figure(tmp_path / f"b.{suffix}", {"vanilla": {"clean": 1.0, "20px": 5.0}}, ylabel="MAE"),
-               interval_figure(tmp_path / f"i.{suffix}", [{"gt": 3, "smoothed": 3.5, "L20": 1, "U20": 6}], [20]),
+               interval_figure(tmp_path / f"i.{suffix}", [{"gt": 3, "count": 3.5, "L20": 1, "U20": 6}], [20]),
                image_panels(tmp_path / f"p.{suffix}", [("image", torch.rand(3, 8, 8)), ("map", torch.rand(8, 8))])]
     for path in written:
         assert path.suffix == f".{suffix}" and path.read_bytes().lstrip().startswith(magic), path
@@ -122,7 +122,7 @@ def test_bars_start_at_zero_and_carry_their_values():
 
 
 def test_interval_figure_is_titled_and_labelled():
-    rows = [{"gt": g, "smoothed": g + 1.0, "L20": g - 2.0, "U20": g + 3.0, "L40": g - 4.0, "U40": g + 6.0}
+    rows = [{"gt": g, "count": g + 1.0, "L20": g - 2.0, "U20": g + 3.0, "L40": g - 4.0, "U40": g + 6.0}
             for g in (5.0, 20.0, 12.0)]
     ax = _interval_fig(rows, [20, 40]).axes[0]
     assert "certified" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()

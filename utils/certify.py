@@ -13,6 +13,7 @@ import torch
 from scipy.stats import binom
 from tqdm import tqdm
 
+from datasets.crowd import EqualSizeBatches
 from utils.ablation import AblationSpec
 from utils.errors import ToolkitError
 from utils.metrics import summarize
@@ -84,38 +85,99 @@ def certified_interval(samples: np.ndarray, delta_: float, alpha: float) -> tupl
     return float(ys[idx[0] - 1]), float(ys[idx[1] - 1])
 
 
+class Certifier:
+    """A certified counter: per image its count and, for each patch side s asked, an interval [L, U] that holds the
+    count under any patch within an s×s square placed anywhere (a counter per side where `count_per_side`).
+
+    `certify_batch(model, images, sides)` returns one row per image: `count` (or `count{s}`), `L{s}`, `U{s}`
+    (NaN where the image is not certified) and whatever else the method reports.
+    """
+
+    method = ""
+    count_per_side = False
+    batched = True  # whole images of one size are certified together
+
+    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """What the certificate depends on, recorded beside its results."""
+        return {"method": self.method}
+
+    @torch.no_grad()
+    def counts(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+        """The certified counter's count of each image (the counter for patches of `side`, where that matters): what
+        its certificate bounds, e.g. on an attacked image."""
+        rows = self.certify_batch(model, images, [side])
+        return torch.tensor([r.get(f"count{side}", r.get("count")) for r in rows], dtype=torch.float64)
+
+
+class AblationCertifier(Certifier):
+    """Randomized ablation: the median of the model's count over `samples` ablations as `spec` says; Δ bounds how
+    far a patch of ρ units can move their distribution, so the attacked median lies in [L, U] with confidence
+    1 − `alpha`."""
+
+    method = "ablation"
+    batched = False
+
+    def __init__(self, spec: AblationSpec, samples: int, alpha: float = 0.05, batch_size: int = 64,
+                 generator: torch.Generator | None = None):
+        self.spec, self.samples, self.alpha = spec, samples, alpha
+        self.batch_size, self.generator = batch_size, generator
+
+    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
+        rows = []
+        for image in images:
+            ys = self.spec.counts(model, image, self.samples, self.batch_size, self.generator).cpu().numpy()
+            d, row = self.spec.units(image.shape), {"count": float(np.median(ys))}
+            for s in sides:
+                row[f"L{s}"], row[f"U{s}"] = certified_interval(
+                    ys, delta(d, patch_units(s, self.spec.unit), self.spec.keep), self.alpha)
+            rows.append(row)
+        return rows
+
+    def settings(self) -> dict:
+        return {"method": self.method, **self.spec.to_dict(), "samples": self.samples, "alpha": self.alpha}
+
+
 @torch.no_grad()
-def certify_dataset(model, dataset, spec: AblationSpec, samples: int, sides: list[int], alpha: float = 0.05,
-                    batch_size: int = 64, device: torch.device | None = None, amp: bool = True,
-                    generator: torch.Generator | None = None) -> tuple[list[dict], dict]:
-    """Per whole image the smoothed (median) count of `samples` ablations as `spec` says and the certified [L, U]
-    per patch side; plus the summary: smoothed MAE / RMSE and per side the certified fraction, tight-MAE,
-    tight-MSE and mean interval width."""
-    spec.check_fits(dataset.sizes())
+def certify_split(certifier: Certifier, model, dataset, sides: list[int], device: torch.device | None = None,
+                  amp: bool = True, batch_size: int = 4) -> tuple[list[dict], dict]:
+    """Per image of `dataset` the certified counter's count and [L, U] per side; plus the summary (`summarize`)."""
     device = device or torch.device("cpu")
     rows = []
-    for i in tqdm(range(len(dataset)), desc="certify", leave=False, dynamic_ncols=True):
-        image, _, count = dataset[i]
-        d = spec.units(image.shape)
+    batches = EqualSizeBatches(dataset, batch_size if certifier.batched else 1)
+    for index, (images, _, gt) in tqdm(batches, desc=certifier.method, leave=False, dynamic_ncols=True):
         with autocast(device, amp):
-            ys = spec.counts(model, image.to(device), samples, batch_size, generator).cpu().numpy()
-        row = {"image": dataset.names[i], "gt": count, "smoothed": float(np.median(ys))}
-        for s in sides:
-            row[f"L{s}"], row[f"U{s}"] = certified_interval(ys, delta(d, patch_units(s, spec.unit), spec.keep), alpha)
-        rows.append(row)
+            results = certifier.certify_batch(model, images.to(device), sides)
+        rows += [{"index": i, "image": dataset.names[i], "gt": float(gt[j]), **r}
+                 for j, (i, r) in enumerate(zip(index, results, strict=True))]
+    rows.sort(key=lambda r: r["index"])
+    return rows, {**certifier.settings(), **summarize_certificates(rows, sides)}
 
+
+def counts_for(rows: list[dict], side: int) -> list[float]:
+    """The certified counter's count of each row for patches of `side` (its own counter, where it has one)."""
+    return [r.get(f"count{side}", r.get("count")) for r in rows]
+
+
+def summarize_certificates(rows: list[dict], sides: list[int]) -> dict:
+    """`counter`: clean MAE / RMSE of the certified counter (None where each side has its own); per side its
+    counter's clean `mae` / `mse`, `certified_fraction`, `tight_mae` / `tight_mse` (the mean / root mean square
+    over certified images of the worst error inside [L, U], max(|L − c|, |U − c|)) and `mean_width`."""
     gt = [r["gt"] for r in rows]
-    metrics = {"smoothed": summarize([r["smoothed"] for r in rows], gt), **spec.to_dict(),
-               "samples": samples, "alpha": alpha, "patch_sizes": {}}
+    single = all("count" in r for r in rows)
+    out = {"counter": summarize([r["count"] for r in rows], gt) if single else None, "patch_sizes": {}}
     for s in sides:
         certified = [r for r in rows if not math.isnan(r[f"L{s}"])]
         worst = np.array([max(abs(r[f"L{s}"] - r["gt"]), abs(r[f"U{s}"] - r["gt"])) for r in certified])
-        metrics["patch_sizes"][str(s)] = {
+        out["patch_sizes"][str(s)] = {
+            **summarize(counts_for(rows, s), gt),
             "certified_fraction": len(certified) / len(rows),
             "tight_mae": float(worst.mean()) if len(worst) else math.nan,
             "tight_mse": float(np.sqrt((worst**2).mean())) if len(worst) else math.nan,
             "mean_width": float(np.mean([r[f"U{s}"] - r[f"L{s}"] for r in certified])) if certified else math.nan}
-    return rows, metrics
+    return out
 
 
 class SmoothedCounter(torch.nn.Module):

@@ -100,6 +100,33 @@ def image_panels(path: str | Path, panels: Sequence[tuple[str, object]]) -> Path
     return _save(fig, path)
 
 
+def _window_fig(image, density, boxes: Sequence[tuple[str, tuple[int, int, int, int], str]], title: str) -> Figure:
+    """The image with labelled (top, left, height, width) boxes, and its density map with the same boxes."""
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), layout="constrained")
+    axes[0].imshow(_array(image).transpose(1, 2, 0).clip(0, 1))
+    den = _array(density).squeeze()
+    shown = axes[1].imshow(den, cmap="jet", vmin=0, extent=(0, image.shape[-1], image.shape[-2], 0),
+                           interpolation="nearest")
+    fig.colorbar(shown, ax=axes[1], label=DENSITY_LABEL, shrink=0.9)
+    for ax in axes:
+        for label, (top, left, height, width), color in boxes:
+            ax.add_patch(Rectangle((left, top), width, height, fill=False, edgecolor=color, lw=2,
+                                   label=label if ax is axes[0] else None))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def window_figure(path: str | Path, image, density, boxes: Sequence[tuple[str, tuple[int, int, int, int], str]],
+                  title: str) -> Path:
+    """Write `_window_fig`: where on the image (and its density) a patch hides or adds the most people."""
+    return _save(_window_fig(image, density, boxes, title), path)
+
+
 def _finite(values) -> np.ndarray:
     values = np.asarray(list(values), dtype=float).ravel()
     return values[np.isfinite(values)]
@@ -120,8 +147,9 @@ def _interval_fig(rows: Sequence[dict], sides: Sequence[int], title: str = "") -
         lo, hi = np.array([r[f"L{side}"] for r in rows]), np.array([r[f"U{side}"] for r in rows])
         ax.vlines(x + 0.08 * k, lo, hi, colors=plt.cm.viridis(k / max(len(sides) - 1, 1)), lw=3, label=f"{side} px")
     ax.plot(x, [r["gt"] for r in rows], "k_", ms=10, label="ground truth")
-    ax.plot(x, [r["smoothed"] for r in rows], "r.", label="smoothed count")
-    _from_zero(ax, [r[k] for r in rows for k in ("gt", "smoothed", *(f"{e}{s}" for s in sides for e in "LU"))])
+    counts = [r.get("count", r.get(f"count{max(sides)}")) for r in rows]  # rf-mask: the largest side's counter
+    ax.plot(x, counts, "r.", label="certified counter's count")
+    _from_zero(ax, [*counts, *(r[k] for r in rows for k in ("gt", *(f"{e}{s}" for s in sides for e in "LU")))])
     ax.set_title(title or f"certified count intervals [L, U] per patch side ({len(rows)} images)", fontsize=10)
     ax.set_xlabel("image (sorted by ground truth)")
     ax.set_ylabel("count (people)")
@@ -132,7 +160,8 @@ def _interval_fig(rows: Sequence[dict], sides: Sequence[int], title: str = "") -
 
 
 def interval_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int], title: str = "") -> Path:
-    """Certified [L, U] per image (sorted by ground truth) for each patch side, with the truth and smoothed count."""
+    """Certified [L, U] per image (sorted by ground truth) for each patch side, with the truth and the certified
+    counter's count (`count`, else that of the largest side)."""
     return _save(_interval_fig(rows, sides, title), path)
 
 

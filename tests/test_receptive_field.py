@@ -1,0 +1,72 @@
+"""The structural receptive field: the classic models' values, the brute-force support of tiny nets, refusals."""
+import pytest
+import torch
+
+from models import build
+from models.counter import CrowdCounter
+from models.receptive_field import PERIOD, GlobalFieldError, ReceptiveField, receptive_field
+
+
+def perturbation_support(model: CrowdCounter, side: int, cell: int) -> tuple[int, int]:
+    """First and last input row or column whose change moves output cell (cell, cell): one pixel at a time."""
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(x)[0, 0, cell, cell]
+        hits = torch.zeros(side, side, dtype=torch.bool)
+        pixels = [(i, j) for i in range(side) for j in range(side)]
+        for start in range(0, len(pixels), 512):
+            chunk = pixels[start:start + 512]
+            batch = x.repeat(len(chunk), 1, 1, 1)
+            for k, (i, j) in enumerate(chunk):
+                batch[k, :, i, j] += 5.0  # large enough to win its max-pool window
+            moved = (model(batch)[:, 0, cell, cell] - base).abs() > 1e-4  # far above batching round-off
+            for k in moved.nonzero().flatten().tolist():
+                hits[chunk[k]] = True
+    rows, cols = hits.any(1).nonzero().flatten(), hits.any(0).nonzero().flatten()
+    return int(min(rows[0], cols[0])), int(max(rows[-1], cols[-1]))
+
+
+@pytest.mark.parametrize("name", ["conv-pool", "dilated"])
+def test_the_field_is_the_brute_force_support_of_each_cell(name, tiny_counter):
+    model, side = tiny_counter(name), 48
+    rf = receptive_field(model)
+    for cell in (side // model.stride // 2, side // model.stride // 2 + 1):
+        start = cell * rf.stride + rf.offset
+        assert perturbation_support(model, side, cell) == (start, start + rf.side - 1)
+
+
+def test_uneven_fields_are_covered_by_the_evenly_spaced_one(tiny_counter):
+    model, side = tiny_counter("upsampling"), 40
+    rf = receptive_field(model)
+    spans = [(c, perturbation_support(model, side, c)) for c in range(side // 2, side // 2 + PERIOD)]
+    assert all(c + rf.offset <= lo and hi <= c + rf.offset + rf.side - 1 for c, (lo, hi) in spans)
+    assert min(lo - c for c, (lo, _) in spans) == rf.offset  # the smallest such field: tight at both ends
+    assert max(hi - c for c, (_, hi) in spans) == rf.offset + rf.side - 1
+
+
+def test_the_classic_models():
+    assert receptive_field(build("mcnn")) == ReceptiveField(72, 4, -34)  # its 9-7-7-7 column, two 2x pools
+    cmtl = receptive_field(build("cmtl"))  # the density path is local: the global prior feeds only the classifier
+    assert cmtl.stride == 1 and 100 < cmtl.side < 128
+
+
+@pytest.mark.slow
+def test_csrnet():
+    assert receptive_field(build("csrnet")) == ReceptiveField(284, 8, -138)  # VGG-16 to conv4_3, 6 dilated 3x3
+
+
+def test_global_fields_are_refused_naming_the_layer():
+    with pytest.raises(GlobalFieldError, match=r"danet has no bounded receptive field: its deformable convolutions "
+                                               r"\(DA_Net.conv4, DA_Net.conv5, DA_Net.conv6, DA_Net.conv7\)"):
+        receptive_field(build("danet"))
+    with pytest.raises(GlobalFieldError, match=r"can has no bounded receptive field: its whole-map pooling "
+                                               r"\(scale_pools.0, .*\) lets every output cell see the whole image"):
+        receptive_field(build("can"), start=64)
+
+
+def test_window_counts_the_cells_a_patch_can_reach():
+    rf = ReceptiveField(10, 2, -4)
+    for patch in (1, 5, 12):
+        most = max(sum(1 for j in range(-20, 40) if j * 2 - 4 + 9 >= a and j * 2 - 4 <= a + patch - 1)
+                   for a in range(0, 8))
+        assert rf.window(patch) == most

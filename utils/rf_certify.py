@@ -1,0 +1,194 @@
+"""Deterministic receptive-field certificates of a counting network, from one forward pass.
+
+A convolutional counter's output cell sees only its receptive field (R pixels wide, stride t), so a patch of any
+content inside an s×s square can change only the cells of one w×w window, w = `ReceptiveField.window(s)`; every
+other cell keeps its clean value. With S_w the sums of the clean density over all w×w windows and T the total:
+
+- rf-clip: the counter C = Σ clamp(d, 0, dmax). The window's cells stay in [0, dmax] under attack, so
+  C' ∈ [C − max S_w, C + max (dmax·|w| − S_w)] (S on the clipped map).
+- rf-mask: the counter M = T − max S_w + c (d clamped at 0, c a constant). With w* the window the patch reaches:
+  max S' ≥ S'_{w*} gives M' ≤ T − S_{w*} + c ≤ T − min S + c; every S'_w ≤ S_w + S'_{w*} gives
+  max S' ≤ max S + S'_{w*}, so M' ≥ T − 2 max S + c.
+
+Both hold for every placement and every patch content, with no probability of failure. dmax (a high quantile of the
+cells) and c (the mean of max S_w, per side) come from a train split (`calibrate`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets.crowd import CrowdDataset, EqualSizeBatches
+from models.receptive_field import ReceptiveField
+from utils.certify import Certifier
+from utils.errors import ToolkitError
+from utils.io import save_json
+from utils.runtime import autocast
+
+DMAX_QUANTILE = 0.999
+
+
+def window_sums(density: torch.Tensor, w: int) -> torch.Tensor:
+    """(N, h', w') sums of `density` (N, 1, h, w) over every w×w window inside the map (w clipped to the map's
+    sides: then a window spans that whole side), as box filters in float64."""
+    kh, kw = min(w, density.shape[-2]), min(w, density.shape[-1])
+    return F.avg_pool2d(density.double(), (kh, kw), stride=1)[:, 0] * (kh * kw)
+
+
+def _extreme(sums: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, flat indices) of each map's largest (or smallest) window sum."""
+    flat = sums.flatten(1)
+    return flat.max(dim=1) if largest else flat.min(dim=1)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of the receptive-field counters, measured on a train split: `dmax` (rf-clip's clip, the
+    `quantile` of the clean cells) and `c` (rf-mask's constant per certified side: the mean largest window sum)."""
+
+    dmax: float
+    c: dict[int, float]
+    quantile: float = DMAX_QUANTILE
+    split: str = ""
+    images: int = 0
+    receptive_field: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        return save_json(path, {**asdict(self), "c": {str(s): v for s, v in self.c.items()}})
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(float(d["dmax"]), {int(s): float(v) for s, v in d["c"].items()}, float(d["quantile"]),
+                       d.get("split", ""), int(d.get("images", 0)), d.get("receptive_field", {}))
+        except FileNotFoundError:
+            raise ToolkitError(f"calibration file not found: {path}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ToolkitError(f"{path} is not a calibration of this toolkit: {e}") from None
+
+
+@torch.no_grad()
+def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int], device: torch.device,
+              quantile: float = DMAX_QUANTILE, amp: bool = True, batch_size: int = 4) -> Calibration:
+    """dmax and c of `model` on the whole images of `dataset` (a train split), for patches of each of `sides`."""
+    if len(dataset) == 0:
+        raise ToolkitError(f"the calibration split {dataset.root} holds no images")
+    if not 0 < quantile <= 1:
+        raise ToolkitError(f"the clip quantile must lie in (0, 1], got {quantile}")
+    cells, largest = [], {s: [] for s in sides}
+    for _, (images, _, _) in tqdm(EqualSizeBatches(dataset, batch_size), desc="calibrate", leave=False,
+                                  dynamic_ncols=True):
+        with autocast(device, amp):
+            density = model(images.to(device)).float().clamp_min(0)
+        cells.append(density.flatten().cpu().numpy())
+        for s in sides:
+            largest[s] += window_sums(density, rf.window(s)).flatten(1).amax(1).tolist()
+    dmax = float(np.quantile(np.concatenate(cells), quantile))
+    if not dmax > 0:
+        raise ToolkitError(f"the model predicts no density on {dataset.root}: nothing to calibrate the clip on")
+    return Calibration(dmax, {s: float(np.mean(v)) for s, v in largest.items()}, quantile, str(dataset.root),
+                       len(dataset), asdict(rf))
+
+
+class RFClipCertifier(Certifier):
+    """rf-clip: the count of the density clipped to [0, dmax], with the interval a patch of each side can move it
+    in; the windows where a patch hides the most people (largest S_w) and adds the most (smallest S_w)."""
+
+    method = "rf-clip"
+
+    def __init__(self, rf: ReceptiveField, calibration: Calibration):
+        self.rf, self.calibration = rf, calibration
+
+    def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        """The certified counter as a density map (its sum is the count): the model's density clipped to [0, dmax].
+        Differentiable, so a patch can be optimised against the counter itself."""
+        return model(images).float().clamp(0, self.calibration.dmax)
+
+    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
+        density = self.density(model, images)
+        dmax = float(torch.tensor(self.calibration.dmax, dtype=density.dtype))  # the clip as the map holds it
+        total = density.double().sum(dim=(1, 2, 3))
+        rows = [{"count": float(t)} for t in total]
+        for s in sides:
+            sums = window_sums(density, self.rf.window(s))
+            area = min(self.rf.window(s), density.shape[-2]) * min(self.rf.window(s), density.shape[-1])
+            hide, hide_at = _extreme(sums, largest=True)
+            room, add_at = _extreme(sums, largest=False)
+            for row, t, h, r, hi, ai in zip(rows, total, hide, room, hide_at, add_at, strict=True):
+                row.update({f"L{s}": float(t - h), f"U{s}": float(t + dmax * area - r),
+                            f"hide{s}": _cell(int(hi), sums.shape[-1]), f"add{s}": _cell(int(ai), sums.shape[-1])})
+        return rows
+
+    def settings(self) -> dict:
+        return {"method": self.method, "receptive_field": asdict(self.rf), "dmax": self.calibration.dmax,
+                "dmax_quantile": self.calibration.quantile}
+
+
+class RFMaskCertifier(Certifier):
+    """rf-mask: per side s its own counter, the total minus the densest window plus c_s, with its interval; the
+    window it masks is also where a patch hides the most, the sparsest where it adds the most."""
+
+    method = "rf-mask"
+    count_per_side = True
+
+    def __init__(self, rf: ReceptiveField, calibration: Calibration):
+        self.rf, self.calibration = rf, calibration
+
+    def _constant(self, side: int) -> float:
+        if side not in self.calibration.c:
+            raise ToolkitError(f"the calibration holds no rf-mask constant for {side} px patches "
+                               f"(it has {sorted(self.calibration.c)}); calibrate again with this side")
+        return self.calibration.c[side]
+
+    def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+        """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
+        its densest window zeroed and c spread evenly. Differentiable almost everywhere (where the window is fixed)."""
+        c, density = self._constant(side), model(images).float().clamp_min(0)
+        n, _, h, w = density.shape
+        kh, kw = min(self.rf.window(side), h), min(self.rf.window(side), w)
+        _, at = _extreme(window_sums(density.detach(), self.rf.window(side)), largest=True)
+        rows, cols = torch.arange(h, device=density.device), torch.arange(w, device=density.device)
+        top, left = (at // (w - kw + 1)).view(n, 1, 1), (at % (w - kw + 1)).view(n, 1, 1)
+        inside = ((rows.view(1, h, 1) >= top) & (rows.view(1, h, 1) < top + kh)
+                  & (cols.view(1, 1, w) >= left) & (cols.view(1, 1, w) < left + kw))
+        return density * (~inside).unsqueeze(1) + c / (h * w)
+
+    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
+        density = model(images).float().clamp_min(0)
+        total = density.double().sum(dim=(1, 2, 3))
+        rows = [{} for _ in range(len(images))]
+        for s in sides:
+            c = self._constant(s)
+            sums = window_sums(density, self.rf.window(s))
+            largest, hide_at = _extreme(sums, largest=True)
+            smallest, add_at = _extreme(sums, largest=False)
+            for row, t, mx, mn, hi, ai in zip(rows, total, largest, smallest, hide_at, add_at, strict=True):
+                row.update({f"count{s}": float(t - mx + c), f"L{s}": float(t - 2 * mx + c), f"U{s}": float(t - mn + c),
+                            f"hide{s}": _cell(int(hi), sums.shape[-1]), f"add{s}": _cell(int(ai), sums.shape[-1])})
+        return rows
+
+    def settings(self) -> dict:
+        return {"method": self.method, "receptive_field": asdict(self.rf),
+                "c": {str(s): v for s, v in self.calibration.c.items()}}
+
+
+def _cell(flat: int, width: int) -> list[int]:
+    """(row, column) of a window's top-left output cell."""
+    return [flat // width, flat % width]
+
+
+def window_box(rf: ReceptiveField, side: int, cell: list[int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in input pixels of the union of the receptive fields of the w×w output window
+    whose top-left cell is `cell`, clipped to an image of `shape` (for figures)."""
+    w = rf.window(side)
+    top, left = cell[0] * rf.stride + rf.offset, cell[1] * rf.stride + rf.offset
+    bottom, right = top + (w - 1) * rf.stride + rf.side, left + (w - 1) * rf.stride + rf.side
+    top, left = max(top, 0), max(left, 0)
+    return top, left, min(bottom, shape[0]) - top, min(right, shape[1]) - left
