@@ -34,17 +34,18 @@ from utils.runtime import autocast
 DMAX_QUANTILE = 0.999
 
 
-def window_sums(density: torch.Tensor, w: int) -> torch.Tensor:
+def integral_image(density: torch.Tensor) -> torch.Tensor:
+    """(N, h + 1, w + 1) float64 cumulative sums of `density` (N, 1, h, w), with a zero first row and column."""
+    return F.pad(density.double()[:, 0], (1, 0, 1, 0)).cumsum(1).cumsum(2)
+
+
+def window_sums(density: torch.Tensor, w: int, integral: torch.Tensor | None = None) -> torch.Tensor:
     """(N, h', w') sums of `density` (N, 1, h, w) over every w×w window inside the map (w clipped to the map's
-    sides: then a window spans that whole side), as box filters in float64."""
+    sides: then a window spans that whole side), from the integral image (`integral`, if already computed), so the
+    cost does not grow with w."""
     kh, kw = min(w, density.shape[-2]), min(w, density.shape[-1])
-    return F.avg_pool2d(density.double(), (kh, kw), stride=1)[:, 0] * (kh * kw)
-
-
-def _extreme(sums: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, flat indices) of each map's largest (or smallest) window sum."""
-    flat = sums.flatten(1)
-    return flat.max(dim=1) if largest else flat.min(dim=1)
+    c = integral_image(density) if integral is None else integral
+    return c[:, kh:, kw:] - c[:, :-kh, kw:] - c[:, kh:, :-kw] + c[:, :-kh, :-kw]
 
 
 @dataclass(frozen=True)
@@ -97,49 +98,73 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
                        len(dataset), asdict(rf))
 
 
-class RFClipCertifier(Certifier):
-    """rf-clip: the count of the density clipped to [0, dmax], with the interval a patch of each side can move it
-    in; the windows where a patch hides the most people (largest S_w) and adds the most (smallest S_w)."""
-
-    method = "rf-clip"
+class _WindowCertifier(Certifier):
+    """What rf-clip and rf-mask share: one forward pass, window sums from one integral image per batch, all the
+    results read from the device at once; per side the top-left output cell of the window where a patch hides the
+    most people (`hide{s}`) and of the one where it adds the most (`add{s}`)."""
 
     def __init__(self, rf: ReceptiveField, calibration: Calibration):
         self.rf, self.calibration = rf, calibration
+
+    def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
+        density = self._clean(model, images)
+        integral = integral_image(density)
+        columns, widths = {}, {}
+        for s in sides:
+            columns.update(self._columns(density, integral, s))
+            widths[s] = density.shape[-1] - min(self.rf.window(s), density.shape[-1]) + 1
+        values = torch.stack([c.double() for c in columns.values()], dim=1).cpu().tolist()  # one transfer
+        rows = []
+        for per_image in values:
+            row = dict(zip(columns, per_image, strict=True))
+            for s in sides:  # flat window indices to (row, column) of the top-left cell
+                row[f"hide{s}"], row[f"add{s}"] = (list(divmod(int(row[f"{key}{s}"]), widths[s]))
+                                                   for key in ("hide", "add"))
+            rows.append(row)
+        return rows
+
+
+class RFClipCertifier(_WindowCertifier):
+    """rf-clip: the count of the density clipped to [0, dmax], with the interval a patch of each side can move it
+    in: L from the densest window (largest S_w), U from the one with most room below dmax (smallest S_w)."""
+
+    method = "rf-clip"
 
     def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
         """The certified counter as a density map (its sum is the count): the model's density clipped to [0, dmax].
         Differentiable, so a patch can be optimised against the counter itself."""
         return model(images).float().clamp(0, self.calibration.dmax)
 
-    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
-        density = self.density(model, images)
+    def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
+        return self.density(model, images)
+
+    def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
         dmax = float(torch.tensor(self.calibration.dmax, dtype=density.dtype))  # the clip as the map holds it
-        total = density.double().sum(dim=(1, 2, 3))
-        rows = [{"count": float(t)} for t in total]
-        for s in sides:
-            sums = window_sums(density, self.rf.window(s))
-            area = min(self.rf.window(s), density.shape[-2]) * min(self.rf.window(s), density.shape[-1])
-            hide, hide_at = _extreme(sums, largest=True)
-            room, add_at = _extreme(sums, largest=False)
-            for row, t, h, r, hi, ai in zip(rows, total, hide, room, hide_at, add_at, strict=True):
-                row.update({f"L{s}": float(t - h), f"U{s}": float(t + dmax * area - r),
-                            f"hide{s}": _cell(int(hi), sums.shape[-1]), f"add{s}": _cell(int(ai), sums.shape[-1])})
-        return rows
+        w = self.rf.window(side)
+        sums, total = window_sums(density, w, integral).flatten(1), integral[:, -1, -1]
+        hide, hide_at = sums.max(dim=1)
+        least, add_at = sums.min(dim=1)
+        area = min(w, density.shape[-2]) * min(w, density.shape[-1])
+        return {"count": total, f"L{side}": total - hide, f"U{side}": total + dmax * area - least,
+                f"hide{side}": hide_at, f"add{side}": add_at}
 
     def settings(self) -> dict:
         return {"method": self.method, "receptive_field": asdict(self.rf), "dmax": self.calibration.dmax,
                 "dmax_quantile": self.calibration.quantile}
 
 
-class RFMaskCertifier(Certifier):
+class RFMaskCertifier(_WindowCertifier):
     """rf-mask: per side s its own counter, the total minus the densest window plus c_s, with its interval; the
     window it masks is also where a patch hides the most, the sparsest where it adds the most."""
 
     method = "rf-mask"
     count_per_side = True
-
-    def __init__(self, rf: ReceptiveField, calibration: Calibration):
-        self.rf, self.calibration = rf, calibration
 
     def _constant(self, side: int) -> float:
         if side not in self.calibration.c:
@@ -147,41 +172,34 @@ class RFMaskCertifier(Certifier):
                                f"(it has {sorted(self.calibration.c)}); calibrate again with this side")
         return self.calibration.c[side]
 
+    @staticmethod
+    def _clean(model, images: torch.Tensor) -> torch.Tensor:
+        return model(images).float().clamp_min(0)
+
     def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
         its densest window zeroed and c spread evenly. Differentiable almost everywhere (where the window is fixed)."""
-        c, density = self._constant(side), model(images).float().clamp_min(0)
+        c, density = self._constant(side), self._clean(model, images)
         n, _, h, w = density.shape
         kh, kw = min(self.rf.window(side), h), min(self.rf.window(side), w)
-        _, at = _extreme(window_sums(density.detach(), self.rf.window(side)), largest=True)
+        at = window_sums(density.detach(), self.rf.window(side)).flatten(1).argmax(dim=1)
         rows, cols = torch.arange(h, device=density.device), torch.arange(w, device=density.device)
         top, left = (at // (w - kw + 1)).view(n, 1, 1), (at % (w - kw + 1)).view(n, 1, 1)
         inside = ((rows.view(1, h, 1) >= top) & (rows.view(1, h, 1) < top + kh)
                   & (cols.view(1, 1, w) >= left) & (cols.view(1, 1, w) < left + kw))
         return density * (~inside).unsqueeze(1) + c / (h * w)
 
-    def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
-        density = model(images).float().clamp_min(0)
-        total = density.double().sum(dim=(1, 2, 3))
-        rows = [{} for _ in range(len(images))]
-        for s in sides:
-            c = self._constant(s)
-            sums = window_sums(density, self.rf.window(s))
-            largest, hide_at = _extreme(sums, largest=True)
-            smallest, add_at = _extreme(sums, largest=False)
-            for row, t, mx, mn, hi, ai in zip(rows, total, largest, smallest, hide_at, add_at, strict=True):
-                row.update({f"count{s}": float(t - mx + c), f"L{s}": float(t - 2 * mx + c), f"U{s}": float(t - mn + c),
-                            f"hide{s}": _cell(int(hi), sums.shape[-1]), f"add{s}": _cell(int(ai), sums.shape[-1])})
-        return rows
+    def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
+        c = self._constant(side)
+        sums, total = window_sums(density, self.rf.window(side), integral).flatten(1), integral[:, -1, -1]
+        largest, hide_at = sums.max(dim=1)
+        smallest, add_at = sums.min(dim=1)
+        return {f"count{side}": total - largest + c, f"L{side}": total - 2 * largest + c,
+                f"U{side}": total - smallest + c, f"hide{side}": hide_at, f"add{side}": add_at}
 
     def settings(self) -> dict:
         return {"method": self.method, "receptive_field": asdict(self.rf),
                 "c": {str(s): v for s, v in self.calibration.c.items()}}
-
-
-def _cell(flat: int, width: int) -> list[int]:
-    """(row, column) of a window's top-left output cell."""
-    return [flat // width, flat % width]
 
 
 def window_box(rf: ReceptiveField, side: int, cell: list[int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
