@@ -66,3 +66,53 @@ def test_certify_ablates_as_the_model_was_trained(tiny_ra_pixel, tiny_crowds, tm
     assert "--fill 0.25 overrides the fill 0.5 the model was trained with" in capsys.readouterr().out
     assert metrics["fill"] == 0.25
     ablation_log.check(unit="pixel", fill=0.25)
+
+
+def test_receptive_field_methods_end_to_end(tiny_mcnn, tiny_crowds, tmp_path):
+    argv = ["--weights", str(tiny_mcnn), "--data", str(tiny_crowds / "test_data"), "--patch-sizes", "8", "16",
+            "--figures", "1", "--device", "cpu"]
+    first = certify.main(certify.get_args_parser().parse_args(
+        [*argv, "--method", "rf-mask", "--calibrate", str(tiny_crowds / "train_data"), "--out", str(tmp_path / "a")]))
+    assert first["method"] == "rf-mask" and first["counter"] is None  # a counter per side
+    assert first["receptive_field"] == {"side": 72, "stride": 4, "offset": -34}
+    for s in ("8", "16"):
+        m = first["patch_sizes"][s]
+        assert m["certified_fraction"] == 1.0 and m["tight_mae"] >= m["mae"] and m["certified_side"] >= int(s)
+    assert first["forward_passes_per_image"] == 1
+    for row in csv.DictReader(open(tmp_path / "a" / "per_image.csv")):
+        assert float(row["L16"]) <= float(row["count16"]) <= float(row["U16"])
+    assert len(list((tmp_path / "a" / "figures").iterdir())) == 1
+    # the saved calibration, reused, gives the same certificate; rf-clip reuses it too
+    again = certify.main(certify.get_args_parser().parse_args(
+        [*argv, "--method", "rf-mask", "--calibration", str(tmp_path / "a" / "calibration.json"), "--out",
+         str(tmp_path / "b")]))
+    assert again["patch_sizes"] == first["patch_sizes"]
+    clip = certify.main(certify.get_args_parser().parse_args(
+        [*argv, "--method", "rf-clip", "--calibration", str(tmp_path / "a" / "calibration.json"), "--out",
+         str(tmp_path / "c")]))
+    assert clip["counter"]["mae"] >= 0 and clip["dmax"] > 0
+
+
+def test_receptive_field_bad_input(tiny_mcnn, tiny_crowds, tmp_path, cli_error):
+    from models import build
+    from models.weights import checkpoint_state
+    from utils.io import save_checkpoint
+
+    danet = save_checkpoint(tmp_path / "danet.pt", checkpoint_state(build("danet")))
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    base = ["--data", str(tiny_crowds / "test_data"), "--patch-sizes", "8", "--out", str(tmp_path / "x")]
+    calibrate = ["--calibrate", str(tiny_crowds / "train_data")]
+    cases = [
+        (["--model", "danet", "--weights", str(danet), "--method", "rf-mask", *calibrate, *base],
+         "danet has no bounded receptive field: its deformable convolutions"),
+        (["--weights", str(tiny_mcnn), "--method", "rf-mask", "--calibrate", str(tmp_path / "empty"), *base],
+         "holds no images"),
+        (["--weights", str(tiny_mcnn), "--method", "rf-clip", *calibrate, *base[:-3], "200", *base[-2:]],
+         "patch side 200 is larger than the smallest image side"),
+        (["--weights", str(tiny_mcnn), "--method", "rf-mask", *base], "needs dmax and c: --calibrate SPLIT"),
+        (["--weights", str(tiny_mcnn), "--method", "rf-guess", *base], "argument --method: invalid choice"),
+    ]
+    for argv, message in cases:
+        code, lines = cli_error(certify, argv)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
+    assert not (tmp_path / "x").exists()
