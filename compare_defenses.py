@@ -10,6 +10,7 @@ Writes comparison.md, metrics.json and a comparison figure.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from models import MODEL_NAMES, build, canonical_name
 from utils import cli
 from utils.ablation import AblationSpec
 from utils.attack import DEFAULT_SIDE, APAMConfig, attack_metrics
-from utils.certify import AblationCertifier, SmoothedCounter, certify_split
+from utils.certify import AblationCertifier, certify_split
 from utils.errors import ToolkitError
 from utils.io import atomic_write, load_checkpoint, save_json
 from utils.plots import bar_figure
@@ -145,10 +146,9 @@ def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argpar
         spec.check_fits(crop, "the attack crops")
     attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, crop=crop, max_images=attack_max)
     through = counter = None
-    if kind == "ra":
-        def through(x: torch.Tensor) -> torch.Tensor:  # the attack's expectation over ablations
-            return model(ablation.ablate(x.repeat_interleave(args.eot, dim=0), gen, crop=True))
-        counter = SmoothedCounter(model, ablation, args.attack_samples, generator=gen)
+    if kind == "ra":  # attacked through an expectation over ablations, counted by the smoothed count
+        smoothed = AblationCertifier(ablation, args.attack_samples, generator=gen, eot=args.eot)
+        through, counter = partial(smoothed.attack_density, model), partial(smoothed.density, model)
     result = {"attacked": {}, "test_images": len(test_set), "attack_crop": crop,
               "attack_split": "test" if attack_root == test_root else "train"}
     for side, spec in specs.items():

@@ -7,17 +7,22 @@ far it moves the model's counts on a test split (against a random-noise patch of
         --patch-size 81 --epochs 20
     python patch_attack.py --weights path/to/mcnn_shtechA_660.h5 --patch runs/patch_attack/<run>/patch.pt \\
         --test-data ShanghaiTech/part_A_final/test_data            # evaluate a saved patch
+    python patch_attack.py --weights path/to/mcnn_shtechA_660.h5 --counter rf-mask \\
+        --calibration runs/certify/<run>/calibration.json --target maximize --eval-placement sweep ...
 """
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from datasets.crowd import CrowdDataset
 from models import MODEL_NAMES, build, load_weights
+from models.receptive_field import receptive_field
 from utils import cli, runs
+from utils.ablation import AblationSpec
 from utils.attack import (
     DEFAULT_SIDE,
     MOMENTUM_FORMS,
@@ -27,12 +32,16 @@ from utils.attack import (
     optimise_patch,
     patch_metrics,
 )
+from utils.certify import AblationCertifier, Certifier
 from utils.errors import ToolkitError
-from utils.io import save_csv, save_json
+from utils.io import load_checkpoint, save_csv, save_json
 from utils.patch import PLACEMENTS, PatchSpec, load_patch, patch_side, random_patch, save_patch
 from utils.plots import curve_figure, density_figure
+from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier
 from utils.runtime import pick_device, prepare_model
 from utils.victims import synthetic_victim
+
+COUNTERS = ("model", "ablation", "rf-clip", "rf-mask")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,6 +89,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "pairs, e.g. csrnet=path/to/csrnet.pth,can=path/to/can.pth")
     group.add_argument("--figures", type=int, default=4,
                        help="write density figures (clean beside attacked) for the first N test images")
+    group = parser.add_argument_group("certified counter under attack (default: the model's own count)")
+    group.add_argument("--counter", default="model", choices=COUNTERS,
+                       help="attack and count through a certified counter of the model: ablation (the smoothed "
+                            "count, with the ablation its checkpoint records), rf-clip or rf-mask")
+    group.add_argument("--calibration", type=Path,
+                       help="rf-clip / rf-mask: the calibration.json of a certify.py run of this model")
+    group.add_argument("--eot", type=cli.positive_int, default=2,
+                       help="ablation: ablations per image in each attack step (expectation over ablations)")
+    group.add_argument("--counter-samples", type=cli.positive_int, default=8,
+                       help="ablation: ablations per image for the smoothed count")
     cli.add_run_args(parser)
     return parser
 
@@ -97,6 +116,21 @@ def _transfer(pairs: str, patch: torch.Tensor, spec: PatchSpec, placement: str, 
         rows, _ = evaluate_patch(model, dataset, patch, spec, device, placement, args.batch_size, args.seed, args.amp)
         table[f"{name}={weights}"] = patch_metrics(rows)
     return table
+
+
+def _certifier(args: argparse.Namespace, model, device: torch.device) -> Certifier:
+    """The certified counter --counter names, as certify.py certifies it."""
+    if args.counter == "ablation":
+        spec = AblationSpec.from_checkpoint(load_checkpoint(args.weights)) if args.weights.suffix != ".h5" else None
+        if spec is None:
+            raise ToolkitError(f"--counter ablation needs a checkpoint of MCNN_certify_train.py; {args.weights} "
+                               "records no ablation")
+        return AblationCertifier(spec, args.counter_samples, generator=torch.Generator(device=device).manual_seed(
+            args.seed), eot=args.eot)
+    if args.calibration is None:
+        raise ToolkitError(f"--counter {args.counter} needs --calibration, the calibration.json of a certify.py run")
+    certifier = RFClipCertifier if args.counter == "rf-clip" else RFMaskCertifier
+    return certifier(receptive_field(model), Calibration.load(args.calibration))
 
 
 def _spec(args: argparse.Namespace) -> tuple[torch.Tensor, PatchSpec]:
@@ -141,6 +175,12 @@ def main(args: argparse.Namespace) -> dict:
     args.weights = args.weights or synthetic_victim(args.model, device)
     load_weights(model, args.weights)
     model = prepare_model(model.requires_grad_(False), device).eval()
+    through = counter = model
+    if args.counter != "model":  # the certified counter, for the patch as the certificate covers it
+        certifier = _certifier(args, model, device)
+        through = partial(certifier.attack_density, model, side=spec.footprint_side)
+        counter = partial(certifier.density, model, side=spec.footprint_side)
+        certifier.density(model, test_set[0][0][None].to(device), spec.footprint_side)  # fail now, not after APAM
     patch = patch.to(device)
     out = cli.run_dir(args, "patch_attack", device, patch_size=spec.side, patch_shape=spec.shape,
                       placement=spec.placement, rotation=spec.transform.rotation,
@@ -151,19 +191,20 @@ def main(args: argparse.Namespace) -> dict:
     if args.patch is None:
         config = APAMConfig(target=args.target, tau=args.tau, lr=args.lr, momentum=args.momentum,
                             momentum_form=args.momentum_form, tv_weight=args.tv_weight)
-        patch, losses = optimise_patch(model, train_set, patch, spec, config, device, args.epochs, args.steps,
+        patch, losses = optimise_patch(through, train_set, patch, spec, config, device, args.epochs, args.steps,
                                        args.batch_size, args.seed, args.amp)
         save_patch(out, patch, spec, {"args": runs.settings(args)})
         curve_figure(out / f"loss.{args.figure_format}", {"APAM loss": losses}, ylabel=f"APAM loss ({args.target})",
                      title=f"APAM loss per epoch ({spec.side} px {spec.shape} patch)")
 
     placement = args.eval_placement or spec.placement
-    rows, maps = evaluate_patch(model, test_set, patch, spec, device, placement, args.batch_size, args.seed, args.amp,
+    rows, maps = evaluate_patch(counter, test_set, patch, spec, device, placement, args.batch_size, args.seed, args.amp,
                                 args.figures)
     metrics = patch_metrics(rows)
     covered = float(spec.mask.sum()) / (sum(h * w for h, w in test_set.sizes()) / len(test_set))
-    metrics.update(patch={"size": spec.side, "shape": spec.shape, "area_fraction": covered, "placement": placement,
-                          "spec": spec.to_dict()}, model=args.model, weights=str(args.weights), losses=losses)
+    metrics.update(counter=args.counter, model=args.model, weights=str(args.weights), losses=losses,
+                   patch={"size": spec.side, "shape": spec.shape, "area_fraction": covered, "placement": placement,
+                          "spec": spec.to_dict()})
     if args.eval_models:
         metrics["transfer"] = _transfer(args.eval_models, patch, spec, placement, test_root, device, args)
     save_csv(out / "per_image.csv", rows)

@@ -193,3 +193,26 @@ def test_default_run_on_the_synthetic_victim(tmp_path):
     assert attacked >= 2 * clean, metrics
     assert abs(control - clean) < 0.2 * clean, metrics
     assert metrics["patch"]["area_fraction"] <= 0.02
+
+
+def test_a_certified_counter_attacked_end_to_end_stays_inside_its_certificate(tiny_mcnn, tiny_crowds, tmp_path):
+    import csv
+
+    import certify
+
+    certify.main(certify.get_args_parser().parse_args([
+        "--weights", str(tiny_mcnn), "--data", str(tiny_crowds / "test_data"), "--method", "rf-mask", "--calibrate",
+        str(tiny_crowds / "train_data"), "--patch-sizes", "16", "--figures", "0", "--out", str(tmp_path / "cert"),
+        "--device", "cpu"]))
+    bounds = {r["image"]: r for r in csv.DictReader(open(tmp_path / "cert" / "per_image.csv"))}
+    for objective in ("maximize", "minimize"):
+        metrics = patch_attack.main(patch_attack.get_args_parser().parse_args([
+            "--weights", str(tiny_mcnn), "--data", str(tiny_crowds), "--counter", "rf-mask", "--calibration",
+            str(tmp_path / "cert" / "calibration.json"), "--patch-size", "16", "--target", objective, "--epochs", "2",
+            "--eval-placement", "sweep", "--figures", "0", "--out", str(tmp_path / objective), "--device", "cpu"]))
+        assert metrics["counter"] == "rf-mask"
+        for row in csv.DictReader(open(tmp_path / objective / "per_image.csv")):
+            b = bounds[row["image"]]
+            assert float(row["clean"]) == pytest.approx(float(b["count16"]), rel=1e-5)  # the certified counter
+            for label in ("attacked", "control"):
+                assert float(b["L16"]) - 1e-4 <= float(row[label]) <= float(b["U16"]) + 1e-4, (objective, row)

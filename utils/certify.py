@@ -104,6 +104,15 @@ class Certifier:
         """What the certificate depends on, recorded beside its results."""
         return {"method": self.method}
 
+    def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+        """The counter for patches of `side` as a density map whose sum per image is its count: a model to evaluate
+        attacks on."""
+        raise NotImplementedError
+
+    def attack_density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+        """What an attack on the counter descends through (differentiable): by default the counter's density."""
+        return self.density(model, images, side)
+
     @torch.no_grad()
     def counts(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         """The certified counter's count of each image (the counter for patches of `side`, where that matters): what
@@ -121,9 +130,21 @@ class AblationCertifier(Certifier):
     batched = False
 
     def __init__(self, spec: AblationSpec, samples: int, alpha: float = 0.05, batch_size: int = 64,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, eot: int = 2):
         self.spec, self.samples, self.alpha = spec, samples, alpha
-        self.batch_size, self.generator = batch_size, generator
+        self.batch_size, self.generator, self.eot = batch_size, generator, eot
+
+    @torch.no_grad()
+    def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        """The smoothed counter as a one-cell density per image: the median of `samples` ablated counts."""
+        counts = [self.spec.counts(model, image, self.samples, self.batch_size, self.generator).quantile(0.5)
+                  for image in images]
+        return torch.stack(counts).view(-1, 1, 1, 1)
+
+    def attack_density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        """The expectation over ablations an attack descends: `eot` fresh ablations of each image (a crop keeps its
+        share of k)."""
+        return model(self.spec.ablate(images.repeat_interleave(self.eot, dim=0), self.generator, crop=True))
 
     def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
         rows = []
@@ -178,23 +199,6 @@ def summarize_certificates(rows: list[dict], sides: list[int]) -> dict:
             "tight_mse": float(np.sqrt((worst**2).mean())) if len(worst) else math.nan,
             "mean_width": float(np.mean([r[f"U{s}"] - r[f"L{s}"] for r in certified])) if certified else math.nan}
     return out
-
-
-class SmoothedCounter(torch.nn.Module):
-    """The median-smoothed counter as a model: its "density" is one pixel per image holding the median count of
-    `samples` ablations as `spec` says, so the attack's evaluation code can treat it like any counting model."""
-
-    def __init__(self, model: torch.nn.Module, spec: AblationSpec, samples: int, batch_size: int = 64,
-                 generator: torch.Generator | None = None):
-        super().__init__()
-        self.model, self.spec, self.samples = model, spec, samples
-        self.batch_size, self.generator = batch_size, generator
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        counts = [self.spec.counts(self.model, image, self.samples, self.batch_size, self.generator).quantile(0.5)
-                  for image in images]
-        return torch.stack(counts).view(-1, 1, 1, 1)
 
 
 def bound_table(d: int, keep: int, sides: list[int], unit: str = "element") -> list[dict]:
