@@ -187,9 +187,6 @@ def add_patch_args(parser: argparse.ArgumentParser, group: argparse._ArgumentGro
     return group
 
 
-PATCH_FLAGS = ("patch_shape", "rotation", "scale", "brightness", "placement")
-
-
 def patch_spec(args: argparse.Namespace, side: int) -> PatchSpec:
     """The `PatchSpec` the patch flags of `add_patch_args` describe, for a patch of `side` pixels."""
     return PatchSpec(side, args.patch_shape, PatchTransform(args.rotation, *args.scale, args.brightness),
@@ -289,7 +286,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     """Parse and call `main`. Errors a user can cause (bad input, a file system refusing --out) become one line on
     stderr and exit status 2; a run that fails or is interrupted before doing any work leaves no folder behind."""
     argv = sys.argv[1:] if argv is None else argv
-    runs.command = shlex.join(["python", parser.prog, *argv])
+    runs.begin(shlex.join(["python", parser.prog, *argv]))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the library's progress lines
     try:
         main(parser.parse_args(argv))

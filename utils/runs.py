@@ -26,6 +26,12 @@ _current: dict | None = None  # the run folder this process works in: {"out", "c
 command: str | None = None  # the command line, when a script runs through `utils.cli.run`
 
 
+def begin(line: str) -> None:
+    """A script starts: record its command line, and forget any run folder an earlier call in this process used."""
+    global _current, command
+    _current, command = None, line
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The run's settings as plain JSON values (private attributes such as the given-flag set left out)."""
     return {k: plain(v) for k, v in vars(args).items() if not k.startswith("_")}
