@@ -56,11 +56,12 @@ def test_a_run_repeated_from_its_args_json_gives_the_same_table(tiny_crowds, tin
     parser = compare_defenses.get_args_parser()
     first = tmp_path / "first"
     compare_defenses.main(parser.parse_args([
-        "--data", str(tiny_crowds), "--vanilla", str(tiny_mcnn), "--adv-epochs", "1", "--adv-val-restarts", "1",
-        "--ra-epochs", "2", "--ra-warmup-epochs", "1", "--keep", "300", "--patch-sizes", "8", "--attack-epochs", "1",
-        "--restarts", "1", "--samples", "10", "--attack-samples", "2", "--eot", "1", "--max-test-images", "2",
-        "--out", str(first), "--device", "cpu"]))
+        "--data", str(tiny_crowds), "--vanilla", str(tiny_mcnn), "--adv", str(tiny_mcnn), "--ra-epochs", "2",
+        "--ra-warmup-epochs", "1", "--keep", "300", "--patch-sizes", "8", "--attack-epochs", "1", "--restarts", "1",
+        "--samples", "10", "--attack-samples", "2", "--eot", "1", "--max-test-images", "2", "--out", str(first),
+        "--device", "cpu"]))
     record = json.loads((first / "args.json").read_text())
-    assert record["adv"] is None and record["ra"] is None  # trained here: outputs, recorded in metrics.json
+    assert record["ra"] is None and record["ra_epochs"] == 2  # trained here: an output, recorded in metrics.json
+    assert record["adv_epochs"] == 6 and record["adv_val_restarts"] == 2  # resolved, though unused here
     compare_defenses.main(runs.recorded_args(parser, record, out=tmp_path / "again"))
     assert (tmp_path / "again" / "comparison.md").read_text() == (first / "comparison.md").read_text()

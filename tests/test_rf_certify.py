@@ -64,24 +64,27 @@ def test_random_patches_at_every_grid_placement_stay_inside(model):
 
 def test_apam_against_the_certified_counter_itself_stays_inside(model):
     gen = torch.Generator().manual_seed(1)
-    images = torch.rand(2, 3, 64, 96, generator=gen)
+    images = torch.rand(2, 3, 96, 128, generator=gen)  # MCNN's map (24×32) wider than its 21-cell window
     spec = PatchSpec(12, "circle", PatchTransform(), placement="random")
     cover = spec.footprint_side
+    moved = []
     for certifier in _certifiers(model, images, [cover]):
         for objective in ("maximize", "minimize"):
             attack = APAM(lambda x, c=certifier: c.density(model, x, cover), random_patch(12, gen), spec,
                           APAMConfig(target=objective, lr=0.1), gen, amp=False)
             before = float(certifier.counts(model, spec.apply(images, attack.patch, gen)[0], cover).sum())
-            attack.fit(lambda _: [(images, None)], epochs=12)
+            attack.fit(lambda _: [(images, None)], epochs=6)
             with torch.no_grad():
-                grid = sweep_centers(64, 96, 12, 4)
+                grid = sweep_centers(96, 128, 12, 3)
                 attacked, _ = spec.paste(images.repeat(len(grid), 1, 1, 1), attack.patch,
                                          grid.repeat_interleave(len(images), dim=0), gen)
                 _inside(certifier, model, images, attacked, cover)
                 after = float(certifier.counts(model, spec.apply(images, attack.patch, gen)[0], cover).sum())
-            # not a vacuous check: the attack moved the counter (rf-mask's masked window passes no gradient, so
-            # minimising it may instead move it up)
-            assert after > before if objective == "maximize" else after != before, (certifier.method, objective)
+            moved.append(after != before)
+            if certifier.method == "rf-clip":  # not a vacuous check: the attack moved the counter its way
+                assert after > before if objective == "maximize" else after < before, objective
+        # rf-mask masks the densest window, where a strong patch ends up: one of the objectives must still move it
+        assert any(moved[-2:]), certifier.method
 
 
 def test_any_values_written_into_a_reachable_window_stay_inside():
