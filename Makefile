@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python patch_attack.py --out runs/demo/patch_attack
+	$(BIN)/python patch_attack.py
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
