@@ -10,8 +10,8 @@ from utils.patch import PatchTransform, footprint_side
 def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_path, capsys):
     args = compare_defenses.get_args_parser().parse_args([
         "--data", str(tiny_crowds), "--vanilla", str(tiny_mcnn), "--adv", str(tiny_mcnn), "--ra",
-        str(tiny_ra_mcnn / "best.pt"), "--patch-sizes", "8", "16", "--attack-epochs", "1", "--restarts", "2",
-        "--samples", "60", "--attack-samples", "5", "--eot", "2", "--out", str(tmp_path), "--device", "cpu"])
+        str(tiny_ra_mcnn / "best.pt"), "--patch-sizes", "8", "16", "--attack-epochs", "1", "--restarts", "1",
+        "--samples", "40", "--attack-samples", "5", "--eot", "2", "--out", str(tmp_path), "--device", "cpu"])
     results = compare_defenses.main(args)
     table = (tmp_path / "comparison.md").read_text()
     assert table in capsys.readouterr().out and (tmp_path / "comparison.png").is_file()
