@@ -1,4 +1,5 @@
-"""The five crowd-counting networks behind one interface: `build(name, weights=None, **kwargs)`."""
+"""The five classic crowd-counting networks, and SmallField (built to be certified), behind one interface:
+`build(name, weights=None, **kwargs)`."""
 import inspect
 from pathlib import Path
 
@@ -10,12 +11,13 @@ from models.counter import CrowdCounter
 from models.csrnet import build_csrnet
 from models.danet import build_danet
 from models.mcnn import build_mcnn
+from models.smallfield import build_smallfield
 from models.weights import checkpoint_state, load_weights
 from utils.errors import ToolkitError
 
-MODEL_NAMES = ("mcnn", "csrnet", "can", "cmtl", "danet")
+MODEL_NAMES = ("mcnn", "csrnet", "can", "cmtl", "danet", "smallfield")
 _BUILDERS = {"mcnn": build_mcnn, "csrnet": build_csrnet, "can": build_can, "cmtl": build_cmtl,
-             "danet": build_danet}
+             "danet": build_danet, "smallfield": build_smallfield}
 _ALIASES = {"da-net": "danet", "da_net": "danet"}
 
 __all__ = ["MODEL_NAMES", "CrowdCounter", "build", "canonical_name", "checkpoint_state", "load_weights"]
@@ -32,7 +34,7 @@ def build(name: str, weights: str | Path | None = None, seed: int | None = None,
     `seed`: the initial weights are those `torch.manual_seed(seed)` gives, drawn inside `fork_rng` so the caller's
     global RNG is neither read nor moved (PyTorch's layers offer no generator argument; nothing else in the toolkit
     draws from the global RNG). kwargs: csrnet `upsample`, `vgg_weights`; can and danet `vgg_weights`; cmtl
-    `level_width`.
+    `level_width`; smallfield `width`.
     """
     key = canonical_name(name)
     if key not in _BUILDERS:

@@ -1,8 +1,9 @@
 """The receptive field of a counting network, measured structurally: which input pixels an output cell can depend
 on, whatever the weights (a dead ReLU in a trained net would hide a dependency from its gradients).
 
-The network is copied with every weight set to a positive constant and every bias to zero, its activations made
-the identity and its max pooling average pooling: the copy is linear with positive coefficients along every path
+The network is copied with every weight set to a positive constant and every bias to zero, its activations and
+batch norms (per-channel affine maps in eval mode, whose signs could cancel paths) made the identity and its max
+pooling average pooling: the copy is linear with positive coefficients along every path
 of the original, so the gradient of one output cell is non-zero exactly on the pixels some path reaches. Input
 sizes grow until the support of a central cell stops touching the border; a support that always does is global.
 """
@@ -49,11 +50,12 @@ def _global_pooling(net: nn.Module) -> list[str]:
 
 
 def structural_copy(net: nn.Module) -> nn.Module:
-    """`net` with positive averaging weights, zero biases, identity activations and average pooling."""
+    """`net` with positive averaging weights, zero biases, identity activations and batch norms, and average
+    pooling."""
     twin = copy.deepcopy(net).float().eval()
     for name, module in list(twin.named_modules()):
         replacement = None
-        if isinstance(module, (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.Sigmoid, nn.Dropout)):
+        if isinstance(module, (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.Sigmoid, nn.Dropout, nn.BatchNorm2d)):
             replacement = nn.Identity()
         elif isinstance(module, nn.MaxPool2d):
             replacement = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode)

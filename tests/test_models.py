@@ -1,4 +1,4 @@
-"""The five networks: sizes, shapes, pixel map, training step, and DA-Net's deformable conv vs the original."""
+"""The six networks: sizes, shapes, pixel map, training step, and DA-Net's deformable conv vs the original."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,20 +7,22 @@ from models import MODEL_NAMES, build
 from models.danet import DeformConv2D
 from utils.errors import ToolkitError
 
-PARAMS = {"mcnn": 127_953, "cmtl": 2_453_619, "csrnet": 16_263_489, "can": 20_719_937, "danet": 16_474_398}
-STRIDES = {"mcnn": 4, "csrnet": 8, "can": 8, "cmtl": 1, "danet": 16}
+# the originals' sizes; smallfield's is its own design's (3x3 and 1x1 convolutions, widths 24/48/96)
+PARAMS = {"mcnn": 127_953, "cmtl": 2_453_619, "csrnet": 16_263_489, "can": 20_719_937, "danet": 16_474_398,
+          "smallfield": 303_097}
+STRIDES = {"mcnn": 4, "csrnet": 8, "can": 8, "cmtl": 1, "danet": 16, "smallfield": 4}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_parameter_count_equals_the_original(name):
+def test_parameter_count(name):
     assert sum(p.numel() for p in build(name).parameters()) == PARAMS[name]
 
 
 def test_registry_names_aliases_and_errors():
-    assert MODEL_NAMES == ("mcnn", "csrnet", "can", "cmtl", "danet")
+    assert MODEL_NAMES == ("mcnn", "csrnet", "can", "cmtl", "danet", "smallfield")
     assert build("DA-Net").name == build("da_net").name == "danet"
     assert build("MCNN").name == "mcnn"
-    with pytest.raises(ToolkitError, match="mcnn, csrnet, can, cmtl, danet"):
+    with pytest.raises(ToolkitError, match="mcnn, csrnet, can, cmtl, danet, smallfield"):
         build("resnet")
     with pytest.raises(ToolkitError, match="upsample"):
         build("mcnn", upsample=True)
@@ -70,7 +72,7 @@ def test_to_native_matches_the_pixel_formulas():
     for name in ("mcnn", "cmtl", "danet"):
         torch.testing.assert_close(build(name).to_native(rgb), torch.tensor(grey).view(1, 1, 1, 1))
     imagenet = [(0.2 - 0.485) / 0.229, (0.4 - 0.456) / 0.224, (0.6 - 0.406) / 0.225]
-    for name in ("csrnet", "can"):
+    for name in ("csrnet", "can", "smallfield"):
         torch.testing.assert_close(build(name).to_native(rgb), torch.tensor(imagenet).view(1, 3, 1, 1))
 
 

@@ -50,6 +50,16 @@ def test_the_classic_models():
     assert cmtl.stride == 1 and 100 < cmtl.side < 128
 
 
+def test_smallfield_sees_a_fraction_of_mcnns_field():
+    assert receptive_field(build("smallfield")) == ReceptiveField(33, 4, -16)  # five 3x3 convs (two at stride 2)
+    model, side = build("smallfield", width=4, seed=0).eval(), 48
+    rf = receptive_field(model)
+    for cell in (side // 4 // 2, side // 4 // 2 + 1):  # brute force: inside the field (ReLUs dead at random init
+        start = cell * rf.stride + rf.offset  # may hide its rim), and most of it
+        lo, hi = perturbation_support(model, side, cell)
+        assert start <= lo and hi <= start + rf.side - 1 and hi - lo + 1 > rf.side // 2, (lo, hi, start)
+
+
 @pytest.mark.slow
 def test_csrnet():
     assert receptive_field(build("csrnet")) == ReceptiveField(284, 8, -138)  # VGG-16 to conv4_3, 6 dilated 3x3

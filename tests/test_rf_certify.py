@@ -13,10 +13,10 @@ from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier, cali
 TOL = 1e-6  # float32 densities, float64 sums
 
 
-@pytest.fixture(params=["tiny", "mcnn"])
+@pytest.fixture(params=["tiny", "mcnn", "smallfield"])
 def model(request, tiny_counter):
-    """A tiny dilated counter, and MCNN (seed 1: the original init leaves its output alive)."""
-    return tiny_counter("dilated") if request.param == "tiny" else build("mcnn", seed=1).eval()
+    """A tiny dilated counter, MCNN (seed 1: the original init leaves its output alive), and SmallField."""
+    return tiny_counter("dilated") if request.param == "tiny" else build(request.param, seed=1).eval()
 
 
 def _certifiers(model, images, sides) -> list:

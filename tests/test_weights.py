@@ -44,7 +44,7 @@ def test_official_csrnet_checkpoint_and_plain_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [("mcnn", {}), ("cmtl", {"level_width": 37.5}),
-                                              ("csrnet", {"upsample": True})])
+                                              ("csrnet", {"upsample": True}), ("smallfield", {"width": 8})])
 def test_own_checkpoint_round_trip(tmp_path, name, kwargs):
     torch.manual_seed(0)
     model = build(name, **kwargs)

@@ -1,0 +1,51 @@
+"""SmallField: a counter built to be certified. Every output cell sees a 33×33 pixel window (MCNN: 72, CSRNet: 284),
+so a patch can reach few cells and the receptive-field certificates stay tight; stride 4, non-negative output.
+
+Only 3×3 convolutions (two at stride 2) and 1×1 mixing, with batch normalisation and residual blocks: in eval mode
+batch norm is a per-channel affine map, so it leaves the field where the convolutions put it.
+"""
+from torch import Tensor, nn
+
+from models.counter import CrowdCounter
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    """x + two convolutions of x (the second without its ReLU until after the sum)."""
+
+    def __init__(self, width: int, k: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(width, width, k),
+                                  nn.Conv2d(width, width, k, padding=(k - 1) // 2, bias=False), nn.BatchNorm2d(width))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(x + self.body(x))
+
+
+class SmallField(nn.Module):
+    def __init__(self, width: int = 24):
+        super().__init__()
+        w1, w2, w4 = width, 2 * width, 4 * width
+        self.features = nn.Sequential(
+            conv_bn(3, w1),                       # field 3
+            conv_bn(w1, w2, stride=2),            # 5, stride 2
+            Residual(w2, 3),                      # 13
+            conv_bn(w2, w4, stride=2),            # 17, stride 4
+            Residual(w4, 3),                      # 33
+            Residual(w4, 1), Residual(w4, 1),     # 1×1 mixing: capacity without widening the field
+        )
+        self.head = nn.Sequential(nn.Conv2d(w4, w2, 1), nn.ReLU(inplace=True), nn.Conv2d(w2, 1, 1),
+                                  nn.ReLU())  # the density is never negative (the certificates need it)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def build_smallfield(width: int = 24) -> CrowdCounter:
+    return CrowdCounter("smallfield", SmallField(width), stride=4, size_multiple=4, native_channels=3,
+                        model_kwargs={"width": width})
