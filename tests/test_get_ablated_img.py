@@ -1,13 +1,8 @@
-import subprocess
-import sys
-from pathlib import Path
-
+"""get_ablated_img.py: the ablated image and panel, bad input."""
 import numpy as np
 from PIL import Image
 
 import get_ablated_img
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_writes_the_ablated_image_and_a_panel(tiny_crowds, tmp_path):
@@ -23,10 +18,9 @@ def test_writes_the_ablated_image_and_a_panel(tiny_crowds, tmp_path):
     assert Image.open(panel).size[0] > 3 * 96
 
 
-def test_bad_input(tmp_path):
-    result = subprocess.run([sys.executable, "get_ablated_img.py", str(tmp_path / "none.jpg"), "--out",
-                             str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not found" in result.stderr
-    result = subprocess.run([sys.executable, "get_ablated_img.py", str(tmp_path / "none.jpg"), "--keep", "0",
-                             "--out", str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "must be a positive integer" in result.stderr
+def test_bad_input(tmp_path, cli_error):
+    code, lines = cli_error(get_ablated_img, [str(tmp_path / "none.jpg"), "--out", str(tmp_path / "x.png")])
+    assert code == 2 and len(lines) == 1 and "not found" in lines[0]
+    code, lines = cli_error(get_ablated_img, [str(tmp_path / "none.jpg"), "--keep", "0", "--out",
+                                              str(tmp_path / "x.png")])
+    assert code == 2 and "must be a positive integer" in lines[-1]
