@@ -4,6 +4,7 @@ so a patch can reach few cells and the receptive-field certificates stay tight; 
 Only 3×3 convolutions (two at stride 2) and 1×1 mixing, with batch normalisation and residual blocks: in eval mode
 batch norm is a per-channel affine map, so it leaves the field where the convolutions put it.
 """
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.counter import CrowdCounter
@@ -27,6 +28,18 @@ class Residual(nn.Module):
         return self.relu(x + self.body(x))
 
 
+class NonNegative(nn.LeakyReLU):
+    """ReLU in eval mode, so the density is never negative (the certificates need it); leaky while training, so an
+    output pushed below zero everywhere (easily done early on: most target cells are 0) still gets a gradient back
+    instead of dying."""
+
+    def __init__(self):
+        super().__init__(0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.training else F.relu(x)
+
+
 class SmallField(nn.Module):
     def __init__(self, width: int = 24):
         super().__init__()
@@ -39,8 +52,7 @@ class SmallField(nn.Module):
             Residual(w4, 3),                      # 33
             Residual(w4, 1), Residual(w4, 1),     # 1×1 mixing: capacity without widening the field
         )
-        self.head = nn.Sequential(nn.Conv2d(w4, w2, 1), nn.ReLU(inplace=True), nn.Conv2d(w2, 1, 1),
-                                  nn.ReLU())  # the density is never negative (the certificates need it)
+        self.head = nn.Sequential(nn.Conv2d(w4, w2, 1), nn.ReLU(inplace=True), nn.Conv2d(w2, 1, 1), NonNegative())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -181,3 +181,14 @@ def test_deform_conv_border_difference_from_the_original():
     same[h - 1, 2] = same[0, 2] = False
     torch.testing.assert_close(ours[same], x[0, 0][same])
     torch.testing.assert_close(ref[same], x[0, 0][same])
+
+
+def test_smallfield_output_is_never_negative_and_never_dies():
+    model = build("smallfield", seed=0)
+    with torch.no_grad():
+        model.net.head[-2].bias.fill_(-100.0)  # every output cell pushed below zero, as early training can do
+    x = torch.rand(2, 3, 64, 64)
+    assert model.eval()(x).min() == 0  # served densities: clipped at zero
+    loss = model.train().loss(x, torch.full((2, 1, 16, 16), 0.01))
+    loss.backward()
+    assert model.net.head[-2].bias.grad.abs() > 0  # training still has a gradient to bring them back
