@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from models.counter import CrowdCounter
 
+DENSITY_SCALE = 100.0  # the head predicts 100 × the density: per-cell targets are ~0.01, Adam steps are ~lr
+
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False), nn.BatchNorm2d(cout),
@@ -55,7 +57,7 @@ class SmallField(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(w4, w2, 1), nn.ReLU(inplace=True), nn.Conv2d(w2, 1, 1), NonNegative())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(x)) / DENSITY_SCALE
 
 
 def build_smallfield(width: int = 24) -> CrowdCounter:

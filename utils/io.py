@@ -39,6 +39,17 @@ def save_json(path: str | Path, obj) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+def load_json(path: str | Path):
+    """A JSON file's content; one-line `ToolkitError` when it is missing or unreadable."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ToolkitError(f"{path} not found") from None
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"cannot read {path}: {e}") from None
+
+
 def save_csv(path: str | Path, rows: Iterable[dict]) -> Path:
     rows = list(rows)
 

@@ -236,3 +236,34 @@ def bar_figure(path: str | Path, groups: dict[str, dict[str, float]], ylabel: st
     """Grouped bars: one group per key of `groups`, one bar per inner key (the same inner keys in every group),
     each bar's value written on it, the y axis from 0."""
     return _save(_bar_fig(groups, ylabel, title, xlabel), path)
+
+
+def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str = "") -> Figure:
+    fig, ax = plt.subplots(figsize=(5.6, 4.2), layout="constrained")
+    markers, values = "osD^v<>p", []
+    sides = sorted({side for per_side in points.values() for side in per_side})
+    for label, per_side in points.items():
+        xs, ys = zip(*(per_side[s] for s in sorted(per_side)), strict=True)
+        (line,) = ax.plot(xs, ys, color=None, alpha=0.5, lw=1)
+        for side in sorted(per_side):
+            x, y = per_side[side]
+            ax.plot(x, y, markers[sides.index(side) % len(markers)], color=line.get_color(), ms=7)
+            ax.annotate(f"{side}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        line.set_label(label)
+        values += [*xs, *ys]
+    top = 1.08 * max(values)
+    ax.plot([0, top], [0, top], "k:", lw=0.8, label="worst case = clean error")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("clean MAE of the certified counter")
+    ax.set_ylabel("certified worst case: tight-MAE")
+    ax.set_title(title or "certified trade-off (points labelled with the patch side, px)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def tradeoff_figure(path: str | Path, points: dict[str, dict[int, tuple[float, float]]], title: str = "") -> Path:
+    """Per model (a line) and patch side (a marker): the certified counter's clean MAE against its tight-MAE, on
+    equal axes from 0 with the diagonal where the certified worst case equals the clean error."""
+    return _save(_tradeoff_fig(points, title), path)

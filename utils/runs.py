@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shutil
 import subprocess
 from pathlib import Path
 
 from utils.errors import ToolkitError
-from utils.io import load_checkpoint, plain, save_json
+from utils.io import load_checkpoint, load_json, plain, save_json
 
 RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
@@ -39,12 +38,9 @@ def settings(args: argparse.Namespace) -> dict:
 
 def read_record(out: Path) -> dict:
     path = out / RECORD
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ToolkitError(f"{out} holds no {RECORD}: not a run folder of this toolkit") from None
-    except (OSError, ValueError) as e:
-        raise ToolkitError(f"cannot read {path}: {e}") from None
+    if not path.exists():
+        raise ToolkitError(f"{out} holds no {RECORD}: not a run folder of this toolkit")
+    record = load_json(path)
     if not isinstance(record, dict):
         raise ToolkitError(f"{path} does not hold a run's settings")
     return record

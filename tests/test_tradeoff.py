@@ -1,0 +1,44 @@
+"""tradeoff.py: reads certify runs (a counter per side for rf-mask, one counter otherwise), plots, bad input."""
+import json
+
+import pytest
+from PIL import Image
+
+import tradeoff
+
+
+def _run(folder, method: str, sides: dict, counter=None):
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"script": "certify", "model": "mcnn"}))
+    (folder / "metrics.json").write_text(json.dumps({"method": method, "counter": counter, "patch_sizes": sides}))
+    return folder
+
+
+def test_points_per_side_and_the_figure(tmp_path):
+    mask = _run(tmp_path / "mask", "rf-mask", {"20": {"mae": 30.0, "tight_mae": 40.0},
+                                               "40": {"mae": 31.0, "tight_mae": 45.0}})
+    clip = _run(tmp_path / "clip", "rf-clip", {"20": {"tight_mae": 90.0}, "40": {"tight_mae": float("nan")}},
+                counter={"mae": 19.0})
+    assert tradeoff.run_points(mask, None) == ("mask (mcnn, rf-mask)", {20: (30.0, 40.0), 40: (31.0, 45.0)})
+    assert tradeoff.run_points(mask, [40]) == ("mask (mcnn, rf-mask)", {40: (31.0, 45.0)})
+    assert tradeoff.run_points(clip, None)[1] == {20: (19.0, 90.0)}  # nothing certified at 40: no point
+    out = tradeoff.main(tradeoff.get_args_parser().parse_args([str(mask), str(clip), "--out",
+                                                              str(tmp_path / "t.png")]))
+    assert Image.open(out).size[0] > 300
+
+
+def test_bad_input(tmp_path, cli_error):
+    mask = _run(tmp_path / "mask", "rf-mask", {"20": {"mae": 30.0, "tight_mae": 40.0}})
+    (tmp_path / "exists.png").write_bytes(b"x")
+    cases = [([str(tmp_path / "nowhere"), "--out", "t.png"], "holds no args.json"),
+             ([str(mask), str(mask), "--out", "t.png"], "two runs are labelled"),
+             ([str(mask), "--labels", "a", "b", "--out", "t.png"], "--labels gives 2 labels for 1 runs"),
+             ([str(mask), "--sides", "81", "--out", "t.png"], "has no certified side among [81]"),
+             ([str(mask), "--out", str(tmp_path / "exists.png")], "already exists; add --overwrite"),
+             ([str(mask), "--out", "t.jpg"], "must end in .png or .pdf or .svg")]
+    for argv, message in cases:
+        code, lines = cli_error(tradeoff, argv)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
+    assert (tmp_path / "exists.png").read_bytes() == b"x"
+    with pytest.raises(SystemExit):
+        tradeoff.get_args_parser().parse_args([])
