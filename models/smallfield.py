@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 from models.counter import CrowdCounter
 
-DENSITY_SCALE = 100.0  # the head predicts 100 × the density: per-cell targets are ~0.01, Adam steps are ~lr
+# The head predicts 100 × the density: per-cell targets are about 0.01, while Adam moves each parameter by about its
+# learning rate per step; at unit scale the first epoch overshot every output cell below zero.
+DENSITY_SCALE = 100.0
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
