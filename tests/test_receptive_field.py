@@ -50,8 +50,11 @@ def test_the_classic_models():
     assert cmtl.stride == 1 and 100 < cmtl.side < 128
 
 
-def test_smallfield_sees_a_fraction_of_mcnns_field():
+def test_smallfield_sees_a_fraction_of_mcnns_field(monkeypatch):
+    from models import smallfield
+
     assert receptive_field(build("smallfield")) == ReceptiveField(33, 4, -16)  # five 3x3 convs (two at stride 2)
+    monkeypatch.setattr(smallfield, "DENSITY_SCALE", 1.0)  # changes on the scale of the brute force's threshold
     model, side = build("smallfield", width=4, seed=0).eval(), 48
     rf = receptive_field(model)
     for cell in (side // 4 // 2, side // 4 // 2 + 1):  # brute force: inside the field (ReLUs dead at random init
