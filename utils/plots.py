@@ -250,10 +250,10 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str 
             ax.plot(x, y, markers[sides.index(side) % len(markers)], color=line.get_color(), ms=7)
             ax.annotate(f"{side}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
         line.set_label(label)
-        values += [*xs, *ys]
-    top = 1.08 * max(values)
-    ax.plot([0, top], [0, top], "k:", lw=0.8, label="worst case = clean error")
-    ax.set_xlim(0, top)
+        values.append((max(xs), max(ys)))
+    right, top = 1.15 * max(x for x, _ in values), 1.1 * max(y for _, y in values)
+    ax.plot([0, right], [0, right], "k:", lw=0.8, label="worst case = clean error")
+    ax.set_xlim(0, right)
     ax.set_ylim(0, top)
     ax.set_xlabel("clean MAE of the certified counter")
     ax.set_ylabel("certified worst case: tight-MAE")
@@ -264,6 +264,6 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str 
 
 
 def tradeoff_figure(path: str | Path, points: dict[str, dict[int, tuple[float, float]]], title: str = "") -> Path:
-    """Per model (a line) and patch side (a marker): the certified counter's clean MAE against its tight-MAE, on
-    equal axes from 0 with the diagonal where the certified worst case equals the clean error."""
+    """Per model (a line) and patch side (a marker): the certified counter's clean MAE against its tight-MAE, both
+    axes from 0, with the diagonal where the certified worst case equals the clean error."""
     return _save(_tradeoff_fig(points, title), path)
