@@ -244,7 +244,7 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str 
     sides = sorted({side for per_side in points.values() for side in per_side})
     for label, per_side in points.items():
         xs, ys = zip(*(per_side[s] for s in sorted(per_side)), strict=True)
-        (line,) = ax.plot(xs, ys, color=None, alpha=0.5, lw=1)
+        (line,) = ax.plot(xs, ys, alpha=0.5, lw=1)
         for side in sorted(per_side):
             x, y = per_side[side]
             ax.plot(x, y, markers[sides.index(side) % len(markers)], color=line.get_color(), ms=7)
