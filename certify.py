@@ -104,8 +104,8 @@ def _certifier(args: argparse.Namespace, model, dataset: CrowdDataset, sides: li
         spec = cli.ablation_spec(args, trained_ablation(args.weights))
         spec.check_fits(dataset.sizes())
         out_extra.update(keep=spec.keep, unit=spec.unit, fill=spec.fill)
-        return AblationCertifier(spec, args.samples, args.alpha, args.batch_size,
-                                 torch.Generator(device=device).manual_seed(args.seed))
+        return AblationCertifier(spec, args.samples, args.alpha, args.batch_size, torch.Generator(device=device),
+                                 seed=args.seed)
     rf = receptive_field(model)
     if args.calibration is not None:
         calibration = Calibration.load(args.calibration)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from datasets.density import density_map, downsample
 from datasets.shanghaitech import ground_truth_file, list_images, load_image, read_h5_density, read_points
 from datasets.transforms import multiple_size, random_crop_flip, random_erase, resize_to_multiple
+from utils import distributed
 from utils.errors import ToolkitError
 from utils.runtime import derived_generator
 
@@ -150,12 +151,17 @@ def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bo
 
 
 class EqualSizeBatches:
-    """(indices, (images, targets, counts)) per batch of equal-size items of `dataset`, with a length."""
+    """(indices, (images, targets, counts)) per batch of equal-size items of `dataset`, with a length.
+
+    With `shard`, under torchrun, this rank's share of the batches (every world_size-th; `pad`: wrapped around so
+    every rank takes as many steps); without torchrun, all of them."""
 
     def __init__(self, dataset: CrowdDataset, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, shard: bool = False, pad: bool = False):
         self.dataset = dataset
         self.order = same_size_batches(dataset.sizes(), batch_size, shuffle, generator)
+        if shard:
+            self.order = distributed.shard(self.order, pad)
 
     def __len__(self) -> int:
         return len(self.order)

@@ -1,12 +1,13 @@
 """The dependencies point one way: scripts -> the CLI layer (utils.cli, utils.runs) -> experiment code (utils) ->
-models / datasets -> the bottom layer (utils.errors, utils.io, utils.runtime). Read from the sources' imports."""
+models / datasets -> the bottom layer (utils.distributed, utils.errors, utils.io, utils.runtime). Read from the
+sources' imports."""
 import ast
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BOTTOM = {"utils.errors", "utils.io", "utils.runtime"}
+BOTTOM = {"utils.distributed", "utils.errors", "utils.io", "utils.runtime"}
 CLI = {"utils.cli", "utils.runs"}
 
 

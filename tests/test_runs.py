@@ -187,6 +187,7 @@ def test_args_json_holds_the_resolved_patch_side_and_device(tiny_crowds, tiny_mc
     record = json.loads((out / "args.json").read_text())
     assert record["patch_size"] == 44 and record["patch_frac"] is None  # the default side, as used
     assert record["device"] == str(pick_device("auto")) and record["dtype"] in ("float32", "float16 autocast")
+    assert record["amp_dtype"] == "float16" and record["compile"] is False
     assert record["train_data"] == str(tiny_crowds / "train_data")
     assert record["test_data"] == str(tiny_crowds / "test_data")
     assert json.loads((out / "metrics.json").read_text())["patch"]["size"] == 44

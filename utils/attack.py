@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from datasets.crowd import CrowdDataset, EqualSizeBatches, same_size_batches
+from utils import distributed
 from utils.errors import ToolkitError
 from utils.metrics import summarize
 from utils.patch import PatchSpec, random_patch, sweep_centers
-from utils.runtime import autocast
+from utils.runtime import autocast, derived_seed, progress
 
 TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
 DEFAULT_SIDE = 44  # px: a circle on 2 % of a 240×320 synthetic image
@@ -114,6 +114,7 @@ class APAM:
         patch = self.patch.requires_grad_(True)
         loss = self.loss(images, target, patch)
         (grad,) = torch.autograd.grad(loss, patch)
+        distributed.all_reduce_mean(grad)  # under torchrun: every rank's batch, so every rank takes the same step
         self.patch, self.velocity = momentum_step(patch.detach(), self.velocity, grad, self.config.lr,
                                                   self.config.momentum, self.config.momentum_form)
         return loss.detach()
@@ -125,13 +126,13 @@ class APAM:
         losses = []
         for epoch in range(epochs):
             summed, count = 0.0, 0
-            for images, gt in tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", total=total,
-                                   leave=False, dynamic_ncols=True):
+            for images, gt in progress(batches(epoch), f"{desc} epoch {epoch + 1}/{epochs}", total=total):
                 target = self.batch_target(images, gt)
                 for _ in range(steps):
                     summed = summed + self.step(images, target).float()
                     count += 1
-            losses.append(float(summed) / max(count, 1))
+            losses.append(float(distributed.all_reduce_mean(torch.as_tensor(summed, dtype=torch.float64)))
+                          / max(count, 1))
         return losses
 
 
@@ -141,16 +142,24 @@ def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
                    ) -> tuple[torch.Tensor, list[float]]:
     """APAM over shuffled same-size batches of `dataset` from the starting `patch`: (the patch, loss per epoch).
 
-    Everything random (batch order, crops, patch transforms and placements) follows from `seed`."""
+    Everything random (batch order, crops, patch transforms and placements) follows from `seed`. Under torchrun each
+    rank takes its share of every epoch's batches and the patch gradient is averaged across ranks before each
+    update, so every rank holds the same patch (checked at the end)."""
     gen = torch.Generator().manual_seed(seed)
+    # one process draws order and transforms from one stream; ranks share the order and draw their own transforms
+    order = gen if distributed.world_size() == 1 else torch.Generator().manual_seed(seed)
+    if distributed.world_size() > 1:
+        gen.manual_seed(derived_seed(seed, distributed.rank()))
     attack = APAM(model, patch.to(device), spec, config, gen, amp)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset.set_epoch(epoch, seed)
-        for _, (images, targets, _) in EqualSizeBatches(dataset, batch_size, True, gen):
+        for _, (images, targets, _) in EqualSizeBatches(dataset, batch_size, True, order, shard=True, pad=True):
             yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
-    losses = attack.fit(batches, epochs, steps, desc, total=len(same_size_batches(dataset.sizes(), batch_size)))
+    total = len(distributed.shard(same_size_batches(dataset.sizes(), batch_size), pad=True))
+    losses = attack.fit(batches, epochs, steps, desc, total=total)
+    distributed.check_replicas("patches", [attack.patch])
     return attack.patch, losses
 
 
@@ -190,8 +199,7 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
     density, attacked density) for the first `keep_maps` images."""
     control = random_patch(spec.side, torch.Generator().manual_seed(seed + 1)).to(device)
     rows, maps = [], []
-    for index, (images, _, gt) in tqdm(EqualSizeBatches(dataset, batch_size), desc="test", leave=False,
-                                       dynamic_ncols=True):
+    for index, (images, _, gt) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "test"):
         images = images.to(device)
         with torch.no_grad(), autocast(device, amp):
             clean = model(images).float()
@@ -202,10 +210,11 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
             shown = shown or (patched, density)
         for j, i in enumerate(index):
             if i < keep_maps:
-                maps.append((dataset.names[i], shown[0][j].cpu(), clean[j].cpu(), shown[1][j].cpu()))
+                maps.append((i, dataset.names[i], shown[0][j].cpu(), clean[j].cpu(), shown[1][j].cpu()))
             rows.append({"index": i, "image": dataset.names[i], "gt": float(gt[j]), "clean": float(clean[j].sum()),
                          "attacked": float(counts["attacked"][j]), "control": float(counts["control"][j])})
-    return sorted(rows, key=lambda r: r["index"]), maps
+    rows = sorted(distributed.gather(rows), key=lambda r: r["index"])  # under torchrun, each rank's share
+    return rows, [m[1:] for m in sorted(distributed.gather(maps), key=lambda m: m[0])]
 
 
 def patch_metrics(rows: list[dict]) -> dict:

@@ -11,13 +11,13 @@ import math
 import numpy as np
 import torch
 from scipy.stats import binom
-from tqdm import tqdm
 
 from datasets.crowd import EqualSizeBatches
+from utils import distributed
 from utils.ablation import AblationSpec
 from utils.errors import ToolkitError
 from utils.metrics import summarize
-from utils.runtime import autocast
+from utils.runtime import autocast, derived_seed, progress
 
 
 def _log_comb_ratio(top: float, d: float, k: float) -> float:
@@ -104,6 +104,9 @@ class Certifier:
         """What the certificate depends on, recorded beside its results."""
         return {"method": self.method}
 
+    def key(self, index: int) -> None:
+        """Draw what is random for image `index` of a split from a stream of its own (no-op when nothing is)."""
+
     def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         """The counter for patches of `side` as a density map whose sum per image is its count: a model to evaluate
         attacks on."""
@@ -130,9 +133,14 @@ class AblationCertifier(Certifier):
     batched = False
 
     def __init__(self, spec: AblationSpec, samples: int, alpha: float = 0.05, batch_size: int = 64,
-                 generator: torch.Generator | None = None, eot: int = 2):
+                 generator: torch.Generator | None = None, eot: int = 2, seed: int | None = None):
         self.spec, self.samples, self.alpha = spec, samples, alpha
-        self.batch_size, self.generator, self.eot = batch_size, generator, eot
+        self.batch_size, self.generator, self.eot, self.seed = batch_size, generator, eot, seed
+
+    def key(self, index: int) -> None:
+        """With a `seed`, image `index`'s ablations come from (`seed`, `index`): the same in any order or shard."""
+        if self.seed is not None and self.generator is not None:
+            self.generator.manual_seed(derived_seed(self.seed, index))
 
     @torch.no_grad()
     def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
@@ -164,16 +172,19 @@ class AblationCertifier(Certifier):
 @torch.no_grad()
 def certify_split(certifier: Certifier, model, dataset, sides: list[int], device: torch.device | None = None,
                   amp: bool = True, batch_size: int = 4) -> tuple[list[dict], dict]:
-    """Per image of `dataset` the certified counter's count and [L, U] per side; plus the summary (`summarize`)."""
+    """Per image of `dataset` the certified counter's count and [L, U] per side; plus the summary (`summarize`).
+    Under torchrun each rank certifies its share of the images and every rank gets all the rows."""
     device = device or torch.device("cpu")
     rows = []
-    batches = EqualSizeBatches(dataset, batch_size if certifier.batched else 1)
-    for index, (images, _, gt) in tqdm(batches, desc=certifier.method, leave=False, dynamic_ncols=True):
+    batches = EqualSizeBatches(dataset, batch_size if certifier.batched else 1, shard=True)
+    for index, (images, _, gt) in progress(batches, certifier.method):
+        if not certifier.batched:
+            certifier.key(index[0])
         with autocast(device, amp):
             results = certifier.certify_batch(model, images.to(device), sides)
         rows += [{"index": i, "image": dataset.names[i], "gt": float(gt[j]), **r}
                  for j, (i, r) in enumerate(zip(index, results, strict=True))]
-    rows.sort(key=lambda r: r["index"])
+    rows = sorted(distributed.gather(rows), key=lambda r: r["index"])
     return rows, {**certifier.settings(), **summarize_certificates(rows, sides)}
 
 

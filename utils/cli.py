@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -14,12 +15,12 @@ import torch
 from datasets.crowd import DENSITY_SOURCES, CrowdDataset
 from datasets.synthetic import ensure_synthetic
 from models import MODEL_NAMES, build, canonical_name
-from utils import runs
+from utils import distributed, runs
 from utils.ablation import FILL, KEEP, UNITS, AblationSpec
 from utils.errors import ToolkitError
 from utils.patch import PLACEMENTS, SHAPES, PatchSpec, PatchTransform
 from utils.plots import FORMATS as FIGURE_FORMATS
-from utils.runtime import pick_device
+from utils.runtime import AMP_DTYPES, configure, pick_device
 
 _UNSET = object()
 
@@ -163,7 +164,11 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then the CPU")
     group.add_argument("--seed", type=int, default=0, help="seed of every random draw (crops, patches, ablations)")
     group.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0: in the main process)")
-    group.add_argument("--no-amp", dest="amp", action="store_false", help="disable float16 autocast on CUDA")
+    group.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA (run in float32)")
+    group.add_argument("--amp-dtype", default="float16", choices=AMP_DTYPES,
+                       help="autocast dtype on CUDA (bfloat16 needs an Ampere or newer card)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model on CUDA (the first batches of each image size are slow)")
     return group
 
 
@@ -225,7 +230,8 @@ def ablation_spec(args: argparse.Namespace, trained: AblationSpec | None, keep: 
 
 def synthetic_splits() -> tuple[Path, Path]:
     """(train, test) splits of the cached synthetic crowd set, generated on first use."""
-    root = ensure_synthetic()
+    with distributed.main_first():
+        root = ensure_synthetic()
     print(f"no data given: using the synthetic crowd set at {root}")
     return root / "train_data", root / "test_data"
 
@@ -268,7 +274,8 @@ def run_dir(args: argparse.Namespace, script: str, device: torch.device | None =
     the settings, with `device` and any other `resolved` values in place of what was asked for."""
     if device is not None:
         args.device = str(device)
-        resolved.setdefault("dtype", "float16 autocast" if getattr(args, "amp", False) and device.type == "cuda"
+        resolved.setdefault("dtype", f"{getattr(args, 'amp_dtype', 'float16')} autocast"
+                            if getattr(args, "amp", False) and device.type == "cuda"
                             else "float32")
     for key, value in resolved.items():
         if hasattr(args, key):
@@ -288,8 +295,16 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     argv = sys.argv[1:] if argv is None else argv
     runs.begin(shlex.join(["python", parser.prog, *argv]))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the library's progress lines
+    joined = distributed.launched() and not distributed.initialised()
     try:
-        main(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        configure(getattr(args, "amp_dtype", "float16"), getattr(args, "compile", False))
+        if distributed.launched():  # under torchrun: join the process group; rank 0 alone prints and logs
+            pick_device(getattr(args, "device", "auto"))
+            if not distributed.is_main():
+                logging.getLogger().setLevel(logging.WARNING)
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
+        main(args)
     except BaseException as e:
         out = runs.current()
         discarded = runs.discard_unstarted() if not isinstance(e, SystemExit) else False
@@ -308,3 +323,6 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
             print(f"{parser.prog}: interrupted; {hint}", file=sys.stderr)
             sys.exit(130)
         raise
+    finally:
+        if joined:
+            distributed.teardown()

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
+from datasets.crowd import CrowdDataset, EqualSizeBatches
 from models.weights import checkpoint_state, load_state
+from utils import distributed
 from utils.io import load_checkpoint, plain, save_checkpoint
 from utils.metrics import game, summarize
-from utils.runtime import autocast
+from utils.runtime import autocast, progress
 
 GAME_LEVELS = (0, 1, 2, 3)
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,7 +31,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
     """One pass over `loader`, minimising `loss_fn(model, images, targets)` (default `model.loss`)."""
     model.train()
     total, seen = 0.0, 0
-    for images, targets, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, targets, _ in progress(loader, desc):
         images, targets = _to(device, images, targets)
         with autocast(device, amp):
             loss = loss_fn(model, images, targets) if loss_fn is not None else model.loss(images, targets)
@@ -48,29 +49,30 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, amp: bool = True,
+def evaluate(model: torch.nn.Module, dataset: CrowdDataset, device: torch.device, amp: bool = True,
              transform: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_maps: int = 0,
              desc: str = "eval") -> tuple[dict, list[dict], list[tuple]]:
-    """Whole-image evaluation at batch size 1 (sizes vary).
+    """Whole-image evaluation at batch size 1 (sizes vary); under torchrun each rank takes its share of the images
+    and every rank gets all the results.
 
     Returns (metrics with mae, mse (RMSE) and game0..3, one row per image, and the (image, target, prediction)
     of the first `keep_maps` images for figures).
     """
     model.eval()
     rows, maps = [], []
-    names = getattr(dataset, "names", [str(i) for i in range(len(dataset))])
-    loader = DataLoader(dataset, batch_size=1, shuffle=False)
-    for i, (image, target, count) in enumerate(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)):
+    for (i,), (image, target, count) in progress(EqualSizeBatches(dataset, 1, shard=True), desc):
         image, target = _to(device, image, target)
         if transform is not None:
             image = transform(image)
         with autocast(device, amp):
             pred = model(image).float()
-        row = {"image": names[i], "gt": float(count), "pred": float(pred.sum())}
+        row = {"index": i, "image": dataset.names[i], "gt": float(count), "pred": float(pred.sum())}
         row.update({f"game{lv}": game(pred[0, 0], target[0, 0], lv) for lv in GAME_LEVELS})
         rows.append(row)
         if i < keep_maps:
-            maps.append((image[0].cpu(), target[0].cpu(), pred[0].cpu()))
+            maps.append((i, image[0].cpu(), target[0].cpu(), pred[0].cpu()))
+    rows = sorted(distributed.gather(rows), key=lambda r: r["index"])
+    maps = [m[1:] for m in sorted(distributed.gather(maps), key=lambda m: m[0])]
     gt, pred = [r["gt"] for r in rows], [r["pred"] for r in rows]
     metrics = {**summarize(pred, gt), "n_images": len(rows)}
     metrics.update({f"game{lv}": float(np.mean([r[f"game{lv}"] for r in rows])) for lv in GAME_LEVELS})

@@ -1,4 +1,4 @@
-"""Atomic writes: a killed run never leaves a half-written checkpoint, JSON or CSV behind."""
+"""Atomic writes: a killed run never leaves a half-written checkpoint, JSON or CSV behind; one writer under torchrun."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from utils import distributed
 from utils.errors import ToolkitError
 
 # mkstemp's files are private (0600); outputs get the mode any normal file gets, so read the umask (and restore it)
@@ -18,8 +19,11 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`. Under torchrun only
+    rank 0 writes: the other ranks hold the same results and skip it."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)

@@ -6,15 +6,15 @@ import math
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets.crowd import CrowdDataset
+from utils import distributed
 from utils.ablation import AblationSpec, mean_units
 from utils.attack import APAM, APAMConfig, attack_metrics
 from utils.errors import ToolkitError
 from utils.metrics import summarize
 from utils.patch import PatchSpec, random_patch
-from utils.runtime import autocast
+from utils.runtime import autocast, derived_seed, progress
 from utils.training import Recipe
 
 # The training scripts' defaults: on the synthetic crowds, each run fits within about 10 minutes on 2 CPU cores
@@ -54,6 +54,8 @@ class AblationRecipe(Recipe):
     def load_state_dict(self, state: dict) -> None:
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
+            if distributed.world_size() > 1:  # the checkpoint holds rank 0's stream: each rank branches off it
+                self.generator.manual_seed(derived_seed(_draw_seed(self.generator), distributed.rank()))
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         if epoch >= self.warmup_epochs:
@@ -69,7 +71,7 @@ class AblationRecipe(Recipe):
                     "clean_mae": metrics["mae"]}, rows
         model.eval()
         rows = []
-        for i in tqdm(range(len(test_set)), desc="validate", leave=False, dynamic_ncols=True):
+        for i in progress(range(len(test_set)), "validate"):
             image, _, count = test_set[i]
             image = image.to(device)
             with autocast(device, amp):
@@ -159,12 +161,19 @@ class AdversarialRecipe(Recipe):
             self.generator.set_state(state["generator"])
 
 
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+
+
 def ablation_recipe(test_set: CrowdDataset, keep: int, unit: str, fill: float, warmup_epochs: int, val_samples: int,
                     seed: int, device: torch.device) -> AblationRecipe:
     """Ablation training as the scripts run it: k refers to a whole image of the mean test size (a crop keeps the
-    same share of its units); ablations drawn on the device from `seed`."""
+    same share of its units); ablations drawn on the device from `seed` (under torchrun, from (`seed`, rank): each
+    rank ablates its own batches differently)."""
     spec = AblationSpec(keep, unit, fill, mean_units(test_set.sizes(), unit))
-    return AblationRecipe(spec, warmup_epochs, val_samples, generator=torch.Generator(device=device).manual_seed(seed))
+    rank_seed = seed if distributed.world_size() == 1 else derived_seed(seed, distributed.rank())
+    return AblationRecipe(spec, warmup_epochs, val_samples,
+                          generator=torch.Generator(device=device).manual_seed(rank_seed))
 
 
 def adversarial_recipe(model: torch.nn.Module, test_set: CrowdDataset, spec: PatchSpec, config: APAMConfig, *,

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from datasets.crowd import CrowdDataset, EqualSizeBatches
 from models.receptive_field import ReceptiveField
+from utils import distributed
 from utils.certify import Certifier
 from utils.errors import ToolkitError
 from utils.io import save_json
-from utils.runtime import autocast
+from utils.runtime import autocast, progress
 
 DMAX_QUANTILE = 0.999
 
@@ -84,17 +84,18 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
     if not 0 < quantile <= 1:
         raise ToolkitError(f"the clip quantile must lie in (0, 1], got {quantile}")
     cells, largest = [], {s: [] for s in sides}
-    for _, (images, _, _) in tqdm(EqualSizeBatches(dataset, batch_size), desc="calibrate", leave=False,
-                                  dynamic_ncols=True):
+    for _, (images, _, _) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
         with autocast(device, amp):
             density = model(images.to(device)).float().clamp_min(0)
         cells.append(density.flatten().cpu().numpy())
         for s in sides:
             largest[s] += window_sums(density, rf.window(s)).flatten(1).amax(1).tolist()
+    cells = distributed.gather(cells)  # under torchrun each rank saw its share of the images
+    largest = {s: distributed.gather(v) for s, v in largest.items()}  # mean of the sorted sums: any order agrees
     dmax = float(np.quantile(np.concatenate(cells), quantile))
     if not dmax > 0:
         raise ToolkitError(f"the model predicts no density on {dataset.root}: nothing to calibrate the clip on")
-    return Calibration(dmax, {s: float(np.mean(v)) for s, v in largest.items()}, quantile, str(dataset.root),
+    return Calibration(dmax, {s: float(np.mean(np.sort(v))) for s, v in largest.items()}, quantile, str(dataset.root),
                        len(dataset), asdict(rf))
 
 

@@ -13,12 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from utils import distributed
 from utils.errors import ToolkitError
 from utils.io import load_checkpoint, load_json, plain, save_json
 
 RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
-RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format"})
+RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile"})
 REPO = Path(__file__).resolve().parents[1]
 
 _current: dict | None = None  # the run folder this process works in: {"out", "created", "resumed"}
@@ -171,7 +172,13 @@ def _claim(out: Path, overwrite: bool) -> list[Path]:
 
 def start(args: argparse.Namespace, script: str, extra: dict | None = None) -> Path:
     """Claim the run folder (`args.out`, default a new runs/<script>/<timestamp>) and write its args.json: the
-    settings as resolved, `extra` resolved values, and the environment; a resume appends to the record."""
+    settings as resolved, `extra` resolved values, and the environment; a resume appends to the record. Under
+    torchrun rank 0 claims it and the other ranks learn where it is."""
+    args.out = distributed.on_main(lambda: _start(args, script, extra))
+    return args.out
+
+
+def _start(args: argparse.Namespace, script: str, extra: dict | None) -> Path:
     global _current
     resume = bool(getattr(args, "resume", False))
     if resume:

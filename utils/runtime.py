@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from utils import distributed
 from utils.errors import ToolkitError
 
 
@@ -17,7 +19,12 @@ def cache_dir() -> Path:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, then MPS, then CPU; an explicit device that is not there is an error."""
+    """`auto` takes CUDA, then MPS, then CPU; an explicit device that is not there is an error. Under torchrun,
+    this rank's device (cuda:LOCAL_RANK on CUDA), with the process group joined."""
+    return distributed.setup(_device(name))
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -35,6 +42,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def progress(iterable, desc: str, **kwargs) -> tqdm:
+    """A transient tqdm bar, shown by rank 0 only under torchrun."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main(), **kwargs)
+
+
 def derived_seed(*keys: int) -> int:
     """A 63-bit seed that is a fixed function of `keys` (e.g. run seed, epoch, item): random draws keyed this way
     are the same whatever the order, worker process or resume point that reaches them."""
@@ -46,16 +58,31 @@ def derived_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*keys))
 
 
+AMP_DTYPES = ("float16", "bfloat16")
+_fast_paths = {"amp_dtype": torch.float16, "compile": False}  # this process's, set once by the scripts (`configure`)
+
+
+def configure(amp_dtype: str = "float16", compile: bool = False) -> None:
+    """The CUDA fast paths of this process: the autocast dtype (`autocast`) and whether `prepare_model` compiles."""
+    if amp_dtype not in AMP_DTYPES:
+        raise ToolkitError(f"unknown autocast dtype {amp_dtype!r}; choose from {', '.join(AMP_DTYPES)}")
+    _fast_paths.update(amp_dtype=getattr(torch, amp_dtype), compile=compile)
+
+
 def autocast(device: torch.device, enabled: bool = True):
-    """float16 autocast on CUDA when enabled; a no-op elsewhere (CPU autocast does not pay for these convs)."""
+    """Autocast on CUDA to the configured dtype (float16 unless `configure` says bfloat16) when enabled; a no-op
+    elsewhere (CPU autocast does not pay for these convs)."""
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=_fast_paths["amp_dtype"])
     return contextlib.nullcontext()
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to the device; channels-last on CUDA, where cuDNN's NHWC convolutions are faster."""
+    """Move to the device; on CUDA channels-last, where cuDNN's NHWC convolutions are faster, and `torch.compile`d
+    in place when configured (the module, its methods and its state_dict keys stay as they are)."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        if _fast_paths["compile"]:
+            model.compile()
     return model

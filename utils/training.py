@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets.crowd import CrowdDataset
+from utils import distributed
 from utils.engine import evaluate, load_run_checkpoint, save_run_checkpoint, train_one_epoch
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
@@ -53,6 +55,17 @@ class Recipe:
         return {}
 
 
+class Objective(torch.nn.Module):
+    """A recipe's step loss as a module: DistributedDataParallel needs the forward pass that the backward follows."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe):
+        super().__init__()
+        self.model, self.recipe = model, recipe
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.recipe.loss(self.model, images, targets, epoch)
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The rate annealed from its initial value to 0 over `epochs` by a half cosine, in closed form, so a run
     resumed with more epochs continues on the longer schedule's curve."""
@@ -77,7 +90,9 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json.
 
     Epoch e's batch order and crops are a function of (`seed`, e): a resumed run trains exactly as an
-    uninterrupted one. The curves go to curves.<figure_format> and test_mae.<figure_format> (png, pdf or svg)."""
+    uninterrupted one. Under torchrun each rank trains on its share of every epoch's order (`batch_size` crops per
+    rank and step) and DistributedDataParallel averages the gradients, so every rank holds the same weights.
+    The curves go to curves.<figure_format> and test_mae.<figure_format> (png, pdf or svg)."""
     recipe = recipe or Recipe()
     train_counts = train_set.counts()
     model.adapt_to_counts(train_counts)
@@ -88,9 +103,14 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
 
     def loader(epoch: int) -> DataLoader:
         train_set.set_epoch(epoch, seed)
-        return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=derived_generator(seed, epoch),
-                          num_workers=workers, drop_last=len(train_set) > batch_size,
-                          pin_memory=device.type == "cuda")
+        order = derived_generator(seed, epoch)
+        options = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+        if distributed.active():  # the epoch's order (the same on every rank) cut into this rank's share
+            share = distributed.shard(torch.randperm(len(train_set), generator=order).tolist(), pad=True)
+            return DataLoader(train_set, batch_size=batch_size, sampler=share, drop_last=len(share) > batch_size,
+                              **options)
+        return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=order,
+                          drop_last=len(train_set) > batch_size, **options)
 
     start, history, best = 0, [], float("inf")
     if resume:
@@ -99,11 +119,19 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         recipe.load_state_dict(state.get("recipe", {}))
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
         log.info(f"resumed from {out / 'last.pt'} at epoch {start + 1}")
+    objective = None
+    if distributed.active():  # gradients averaged across ranks in the backward pass; rank 0's weights to start
+        objective = DistributedDataParallel(Objective(model, recipe),
+                                            device_ids=[device] if device.type == "cuda" else None)
 
     baseline = mae(np.full(len(test_set), train_counts.mean()), test_set.counts())
     for epoch in range(start, epochs):
-        loss = train_one_epoch(model, loader(epoch), optimizer, device, scaler, amp, partial(recipe.loss, epoch=epoch),
+        step_loss = partial(recipe.loss, epoch=epoch) if objective is None else \
+            (lambda _, images, targets, e=epoch: objective(images, targets, e))
+        loss = train_one_epoch(model, loader(epoch), optimizer, device, scaler, amp, step_loss,
                                desc=f"epoch {epoch + 1}")
+        loss = float(distributed.all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=device)))
+        distributed.sync_buffers(model)  # batch-norm statistics: rank 0's, as DDP's next forward would make them
         scheduler.step()
         metrics, rows = recipe.validate(model, test_set, device, amp, epoch)
         history.append({"epoch": epoch + 1, "loss": loss, **metrics})
@@ -122,6 +150,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
 
     if not history:
         raise ToolkitError(f"nothing to do: the run in {out} already finished {epochs} epochs")
+    distributed.check_replicas("model weights", model.state_dict().values())
     last = history[-1]
     best_row = min((h for h in history if h["mae"] == h["mae"]), key=lambda h: h["mae"], default=None)  # NaN-safe
     summary = {"model": model.name, "epochs": len(history), **{k: v for k, v in last.items() if k != "epoch"},

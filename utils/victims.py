@@ -12,6 +12,7 @@ from datasets.crowd import CrowdDataset
 from datasets.synthetic import VERSION as SYNTHETIC_VERSION
 from datasets.synthetic import ensure_synthetic
 from models import build
+from utils import distributed
 from utils.runtime import cache_dir
 from utils.training import DEFAULTS, fit
 
@@ -22,7 +23,13 @@ ERASE = 0.5  # random erasing with noise: the victim should count heads, not bus
 
 
 def synthetic_victim(name: str = "mcnn", device: torch.device | None = None) -> Path:
-    """Checkpoint of `name` trained on the synthetic default; trained on first use (minutes), then reused."""
+    """Checkpoint of `name` trained on the synthetic default; trained on first use (minutes), then reused. Under
+    torchrun rank 0 trains it alone, as one process would, while the other ranks wait."""
+    with distributed.main_first():
+        return _cached_victim(name, device)
+
+
+def _cached_victim(name: str, device: torch.device | None) -> Path:
     root = cache_dir() / "victims" / f"{name}-synthetic{SYNTHETIC_VERSION}-recipe{RECIPE}"
     if (root / "metrics.json").is_file():
         return root / "last.pt"
