@@ -80,6 +80,9 @@ def test_scripts_under_torchrun_agree_with_one_process_and_only_rank_0_writes(ti
     lines = [f"train.py --data {tiny_crowds} --crop 32 --batch-size 2 --epochs 2 --device cpu",
              f"patch_attack.py --weights {tiny_mcnn} --data {tiny_crowds} --patch-size 16 --epochs 2 --batch-size 1 "
              f"{common}",
+             # the co-evolving patch is checked with the weights: a run whose ranks disagree fails
+             f"MCNN_adv_train.py --weights {tiny_mcnn} --data {tiny_crowds} --crop 64 --batch-size 2 --epochs 1 "
+             "--patch-size 16 --attack-steps 1 --kappa 0.5 --device cpu",
              *(f"{line} --out {tmp_path / 'ranks2' / name}" for name, line in sharded.items())]
     proc = subprocess.run([*_torchrun(2), str(REPO / "tests" / "torchrun_scripts.py"), *lines], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)

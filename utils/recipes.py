@@ -149,6 +149,9 @@ class AdversarialRecipe(Recipe):
                 "attacked_mse": attacked["mse"], "clean_mae": metrics["clean"]["mae"],
                 "clean_mse": metrics["clean"]["mse"], "kappa": k}, [{**r, "pred": r["clean"]} for r in rows]
 
+    def replicated(self) -> list[torch.Tensor]:  # the co-evolving patch: its gradient is averaged across ranks
+        return [self.attack.patch, self.attack.velocity]
+
     def state_dict(self) -> dict:
         state = {"patch": self.attack.patch.cpu(), "velocity": self.attack.velocity.cpu()}
         return state | ({"generator": self.generator.get_state()} if self.generator is not None else {})

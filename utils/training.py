@@ -54,6 +54,10 @@ class Recipe:
         """Settings written at the top level of every checkpoint (e.g. `ablation`: the spec trained with)."""
         return {}
 
+    def replicated(self) -> list[torch.Tensor]:
+        """The state every rank must hold identically under torchrun (checked with the weights at the end)."""
+        return []
+
 
 class Objective(torch.nn.Module):
     """A recipe's step loss as a module: DistributedDataParallel needs the forward pass that the backward follows."""
@@ -150,7 +154,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
 
     if not history:
         raise ToolkitError(f"nothing to do: the run in {out} already finished {epochs} epochs")
-    distributed.check_replicas("model weights", model.state_dict().values())
+    distributed.check_replicas("model weights", [*model.state_dict().values(), *recipe.replicated()])
     last = history[-1]
     best_row = min((h for h in history if h["mae"] == h["mae"]), key=lambda h: h["mae"], default=None)  # NaN-safe
     summary = {"model": model.name, "epochs": len(history), **{k: v for k, v in last.items() if k != "epoch"},
