@@ -39,9 +39,10 @@ from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.plots import interval_figure, window_figure
 from utils.rf_certify import DMAX_QUANTILE, Calibration, RFClipCertifier, RFMaskCertifier, calibrate, window_box
-from utils.runtime import pick_device, prepare_model
+from utils.runtime import autocast, batch_for_memory, pick_device, prepare_model
 
 METHODS = ("ablation", "rf-clip", "rf-mask")
+CPU_BATCH = 64  # ablations or images per forward pass where memory is not measured
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,9 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_patch_args(parser, group, placement=False)
     group.add_argument("--samples", type=int, default=1000, help="ablation: ablations per image (N)")
     group.add_argument("--alpha", type=float, default=0.05, help="ablation: 1 − confidence of the certificate")
-    group.add_argument("--batch-size", type=cli.positive_int, default=64,
-                       help="ablation: ablations per forward pass (lower it if memory runs out); receptive field: "
-                            "images per forward pass")
+    group.add_argument("--batch-size", type=cli.positive_int,
+                       help="ablation: ablations per forward pass; receptive field: images per forward pass; "
+                            "omitted: on CUDA as many as fit in --memory-fraction of the free GPU memory (measured "
+                            f"with one forward pass at the largest image size), elsewhere {CPU_BATCH}")
+    group.add_argument("--memory-fraction", type=cli.unit_interval, default=0.5,
+                       help="share of the free GPU memory that an omitted --batch-size fills")
     group.add_argument("--calibrate", type=Path,
                        help="rf-clip / rf-mask: a train split (images/, ground_truth/) to measure dmax and c on")
     group.add_argument("--calibration", type=Path, help="rf-clip / rf-mask: the calibration.json of an earlier run")
@@ -104,8 +108,8 @@ def _certifier(args: argparse.Namespace, model, dataset: CrowdDataset, sides: li
         spec = cli.ablation_spec(args, trained_ablation(args.weights))
         spec.check_fits(dataset.sizes())
         out_extra.update(keep=spec.keep, unit=spec.unit, fill=spec.fill)
-        return AblationCertifier(spec, args.samples, args.alpha, args.batch_size, torch.Generator(device=device),
-                                 seed=args.seed)
+        return AblationCertifier(spec, args.samples, args.alpha, generator=torch.Generator(device=device),
+                                 seed=args.seed)  # its batch size is resolved once the model is on the device
     rf = receptive_field(model)
     if args.calibration is not None:
         calibration = Calibration.load(args.calibration)
@@ -120,6 +124,19 @@ def _certifier(args: argparse.Namespace, model, dataset: CrowdDataset, sides: li
         raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "
                            "--calibration FILE")
     return (RFClipCertifier if args.method == "rf-clip" else RFMaskCertifier)(rf, calibration)
+
+
+def _batch_size(args: argparse.Namespace, model, dataset: CrowdDataset, device: torch.device) -> int:
+    """Ablations (or images) per forward pass: on CUDA as many as fit in --memory-fraction of the free memory at the
+    split's largest image size; `CPU_BATCH` elsewhere."""
+    h, w = max(dataset.sizes(), key=lambda hw: hw[0] * hw[1])
+
+    def forward(n: int) -> None:
+        with autocast(device, args.amp):
+            model(torch.rand(n, 3, h, w, device=device))
+
+    most = args.samples if args.method == "ablation" else len(dataset)
+    return batch_for_memory(forward, device, args.memory_fraction, CPU_BATCH, most)
 
 
 def _by_nominal_side(row: dict, cover: dict[int, int]) -> dict:
@@ -171,10 +188,14 @@ def main(args: argparse.Namespace) -> dict:
     cover = {s: spec.footprint_side for s, spec in specs.items()}
     sides, resolved = sorted(set(cover.values())), {}
     certifier = _certifier(args, model, dataset, sides, resolved, device)
+    model = prepare_model(model, device).eval()
+    if args.batch_size is None:
+        resolved["batch_size"] = _batch_size(args, model, dataset, device)
+    if isinstance(certifier, AblationCertifier):
+        certifier.batch_size = resolved.get("batch_size", args.batch_size)
     out = cli.run_dir(args, "certify", device, data=split, **resolved)
     if isinstance(certifier, (RFClipCertifier, RFMaskCertifier)):
         certifier.calibration.save(out / "calibration.json")
-    model = prepare_model(model, device).eval()
 
     start = time.perf_counter()
     rows, metrics = certify_split(certifier, model, dataset, sides, device, args.amp,

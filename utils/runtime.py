@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,22 @@ def _device(name: str) -> torch.device:
 def progress(iterable, desc: str, **kwargs) -> tqdm:
     """A transient tqdm bar, shown by rank 0 only under torchrun."""
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main(), **kwargs)
+
+
+def batch_for_memory(forward: Callable[[int], object], device: torch.device, fraction: float, default: int,
+                     most: int) -> int:
+    """How many items to pass at once: on CUDA the largest batch (at most `most`) whose `forward(batch)` should fit
+    in `fraction` of the free memory, from the peak memory of `forward(1)`; `default` elsewhere."""
+    if device.type != "cuda":
+        return default
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        forward(1)
+    per_item = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(most, int(fraction * free) // per_item))
 
 
 def derived_seed(*keys: int) -> int:
