@@ -16,7 +16,7 @@ from utils import distributed
 from utils.errors import ToolkitError
 from utils.metrics import summarize
 from utils.patch import PatchSpec, random_patch, sweep_centers
-from utils.runtime import autocast, derived_seed, progress
+from utils.runtime import autocast, progress, rank_seed
 
 TARGETS = ("pred-scale", "gt-scale", "zero", "maximize", "minimize")
 DEFAULT_SIDE = 44  # px: a circle on 2 % of a 240×320 synthetic image
@@ -145,11 +145,9 @@ def optimise_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
     Everything random (batch order, crops, patch transforms and placements) follows from `seed`. Under torchrun each
     rank takes its share of every epoch's batches and the patch gradient is averaged across ranks before each
     update, so every rank holds the same patch (checked at the end)."""
-    gen = torch.Generator().manual_seed(seed)
-    # one process draws order and transforms from one stream; ranks share the order and draw their own transforms
-    order = gen if distributed.world_size() == 1 else torch.Generator().manual_seed(seed)
-    if distributed.world_size() > 1:
-        gen.manual_seed(derived_seed(seed, distributed.rank()))
+    order = torch.Generator().manual_seed(seed)  # the batch order: the same on every rank
+    # one process draws its transforms from the order's stream too; each rank draws its own
+    gen = order if distributed.world_size() == 1 else torch.Generator().manual_seed(rank_seed(seed))
     attack = APAM(model, patch.to(device), spec, config, gen, amp)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -213,8 +211,8 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
                 maps.append((i, dataset.names[i], shown[0][j].cpu(), clean[j].cpu(), shown[1][j].cpu()))
             rows.append({"index": i, "image": dataset.names[i], "gt": float(gt[j]), "clean": float(clean[j].sum()),
                          "attacked": float(counts["attacked"][j]), "control": float(counts["control"][j])})
-    rows = sorted(distributed.gather(rows), key=lambda r: r["index"])  # under torchrun, each rank's share
-    return rows, [m[1:] for m in sorted(distributed.gather(maps), key=lambda m: m[0])]
+    rows = distributed.gather(rows, key=lambda r: r["index"])  # under torchrun, each rank's share
+    return rows, [m[1:] for m in distributed.gather(maps, key=lambda m: m[0])]
 
 
 def patch_metrics(rows: list[dict]) -> dict:

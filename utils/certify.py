@@ -184,7 +184,7 @@ def certify_split(certifier: Certifier, model, dataset, sides: list[int], device
             results = certifier.certify_batch(model, images.to(device), sides)
         rows += [{"index": i, "image": dataset.names[i], "gt": float(gt[j]), **r}
                  for j, (i, r) in enumerate(zip(index, results, strict=True))]
-    rows = sorted(distributed.gather(rows), key=lambda r: r["index"])
+    rows = distributed.gather(rows, key=lambda r: r["index"])
     return rows, {**certifier.settings(), **summarize_certificates(rows, sides)}
 
 

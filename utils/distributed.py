@@ -138,13 +138,14 @@ def shard(items: list[T], pad: bool = False) -> list[T]:
     return items[r::n]
 
 
-def gather(rows: list[T]) -> list[T]:
-    """Every rank's `rows` concatenated, rank by rank, on every rank."""
-    if not active():
-        return rows
-    parts: list = [None] * world_size()
-    dist.all_gather_object(parts, rows)
-    return [row for part in parts for row in part]
+def gather(rows: list[T], key: Callable[[T], object] | None = None) -> list[T]:
+    """Every rank's `rows` on every rank: concatenated rank by rank, or sorted by `key` (e.g. the image index, so
+    the order is the one a single process gives)."""
+    if active():
+        parts: list = [None] * world_size()
+        dist.all_gather_object(parts, rows)
+        rows = [row for part in parts for row in part]
+    return rows if key is None else sorted(rows, key=key)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

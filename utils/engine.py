@@ -71,8 +71,8 @@ def evaluate(model: torch.nn.Module, dataset: CrowdDataset, device: torch.device
         rows.append(row)
         if i < keep_maps:
             maps.append((i, image[0].cpu(), target[0].cpu(), pred[0].cpu()))
-    rows = sorted(distributed.gather(rows), key=lambda r: r["index"])
-    maps = [m[1:] for m in sorted(distributed.gather(maps), key=lambda m: m[0])]
+    rows = distributed.gather(rows, key=lambda r: r["index"])
+    maps = [m[1:] for m in distributed.gather(maps, key=lambda m: m[0])]
     gt, pred = [r["gt"] for r in rows], [r["pred"] for r in rows]
     metrics = {**summarize(pred, gt), "n_images": len(rows)}
     metrics.update({f"game{lv}": float(np.mean([r[f"game{lv}"] for r in rows])) for lv in GAME_LEVELS})

@@ -14,7 +14,7 @@ from utils.attack import APAM, APAMConfig, attack_metrics
 from utils.errors import ToolkitError
 from utils.metrics import summarize
 from utils.patch import PatchSpec, random_patch
-from utils.runtime import autocast, derived_seed, progress
+from utils.runtime import autocast, progress, rank_seed
 from utils.training import Recipe
 
 # The training scripts' defaults: on the synthetic crowds, each run fits within about 10 minutes on 2 CPU cores
@@ -55,7 +55,7 @@ class AblationRecipe(Recipe):
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
             if distributed.world_size() > 1:  # the checkpoint holds rank 0's stream: each rank branches off it
-                self.generator.manual_seed(derived_seed(_draw_seed(self.generator), distributed.rank()))
+                self.generator.manual_seed(rank_seed(_draw_seed(self.generator)))
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         if epoch >= self.warmup_epochs:
@@ -174,9 +174,8 @@ def ablation_recipe(test_set: CrowdDataset, keep: int, unit: str, fill: float, w
     same share of its units); ablations drawn on the device from `seed` (under torchrun, from (`seed`, rank): each
     rank ablates its own batches differently)."""
     spec = AblationSpec(keep, unit, fill, mean_units(test_set.sizes(), unit))
-    rank_seed = seed if distributed.world_size() == 1 else derived_seed(seed, distributed.rank())
     return AblationRecipe(spec, warmup_epochs, val_samples,
-                          generator=torch.Generator(device=device).manual_seed(rank_seed))
+                          generator=torch.Generator(device=device).manual_seed(rank_seed(seed)))
 
 
 def adversarial_recipe(model: torch.nn.Module, test_set: CrowdDataset, spec: PatchSpec, config: APAMConfig, *,

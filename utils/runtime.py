@@ -70,6 +70,11 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([k % 2**32 for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def rank_seed(seed: int) -> int:
+    """`seed` in one process; under torchrun a seed of this rank's own, derived from (`seed`, rank)."""
+    return seed if distributed.world_size() == 1 else derived_seed(seed, distributed.rank())
+
+
 def derived_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded with `derived_seed(*keys)`."""
     return torch.Generator().manual_seed(derived_seed(*keys))
