@@ -1,4 +1,4 @@
-"""Adversarial training against a universal patch (the paper's ADT baseline), any of the five models: each step runs
+"""Adversarial training against a universal patch (the paper's ADT baseline), any of the six models: each step runs
 `--attack-steps` APAM updates of the carried patch on the batch, then descends (1 − κ)·MSE(patched) + κ·MSE(clean),
 κ on the paper's schedule (or a constant). Each epoch validates clean MAE / RMSE and MAE / RMSE under a fresh APAM
 patch of the same size with a fixed budget (`utils.attack.attack_metrics`); best.pt is the most robust epoch
@@ -52,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    runs.check_out(args, "adv_train")  # before the synthetic victim is trained (minutes, the first time)
     if args.weights is None and not (args.data or args.train_data or args.test_data):
         args.weights = synthetic_victim(args.model)  # the synthetic default fine-tunes the undefended model
     out, device, model, train_set, test_set = cli.training_setup(args, "adv_train")
@@ -72,13 +73,13 @@ def main(args: argparse.Namespace) -> dict:
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
                   resume=args.resume, record=runs.settings(args), seed=args.seed, recipe=recipe,
                   figure_format=args.figure_format)
-    best = summary["best"]
     if start is not None:
         summary["start"] = start
-        if best is not None:
+        if summary["best_epoch"] is not None:
+            last = summary["last"]
             print(f"attacked MAE: start model {start['attacked_mae']:.2f} (clean {start['clean_mae']:.2f}) -> "
-                  f"best.pt, epoch {best['epoch']}: {best['attacked_mae']:.2f} (clean {best['clean_mae']:.2f}); "
-                  f"last epoch {summary['attacked_mae']:.2f} (clean {summary['clean_mae']:.2f})")
+                  f"best.pt, epoch {summary['best_epoch']}: {summary['attacked_mae']:.2f} (clean "
+                  f"{summary['clean_mae']:.2f}); last epoch {last['attacked_mae']:.2f} (clean {last['clean_mae']:.2f})")
     save_json(out / "metrics.json", summary)
     print(f"-> {out}")
     return summary

@@ -1,4 +1,4 @@
-"""Certified (randomized-ablation) training of a counting model, any of the five, as in the paper:
+"""Certified (randomized-ablation) training of a counting model, any of the six, as in the paper:
 `--warmup-epochs` on clean crops, then every step on a fresh random ablation that keeps `--keep` units of each
 image (a crop keeps the same fraction). Each epoch validates the clean count, one ablation per test image and
 the smoothed count (median over `--val-samples` ablations); best.pt is the best smoothed MAE. Certify the result

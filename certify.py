@@ -1,5 +1,5 @@
 """Certified counting: per image the certified counter's count and an interval [L, U] that holds it under any
-patch of the given sizes placed anywhere, with tight-MAE / MSE (our definition: per image with true count c the worst
+patch of the given sizes placed anywhere, with tight-MAE / RMSE (our definition: per image with true count c the worst
 error inside the certificate, max(|L − c|, |U − c|); its mean / root mean square over the certified images).
 
 Methods (--method):
@@ -10,8 +10,10 @@ Methods (--method):
             field it reaches, one window of them, so [L, U] follow from the window sums: deterministic, any content.
   rf-mask   per patch side, the total minus the densest window plus a constant c; deterministic as rf-clip.
 The receptive-field methods need dmax and c from a train split (--calibrate SPLIT, saved as calibration.json) or an
-earlier calibration (--calibration FILE). Each side is certified for the pixels the toolkit's patch of that side can
-change (its rotation, scale and bilinear rim: `--patch-shape`, `--rotation`, `--scale`, `--brightness`).
+earlier calibration (--calibration FILE). Each side is certified for every pixel the toolkit's patch of that side can
+change, under its rotation, scale, bilinear rim and any sub-pixel placement (`--patch-shape`, `--rotation`, `--scale`):
+the receptive-field methods at the patch's extent (the side of the smallest axis-aligned square holding all of those
+pixels), ablation at its footprint (the side of a square with as many pixels). metrics.json records both.
 
     python certify.py --model mcnn --weights runs/certify_train/<run>/best.pt \\
         --data ShanghaiTech/part_A_final/test_data
@@ -22,8 +24,8 @@ change (its rotation, scale and bilinear rim: `--patch-shape`, `--rotation`, `--
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,13 +34,21 @@ from datasets.crowd import CrowdDataset
 from models import build
 from models.receptive_field import receptive_field
 from models.weights import read_weights_file
-from utils import cli
+from utils import cli, runs
 from utils.ablation import AblationSpec
-from utils.certify import AblationCertifier, Certifier, bound_table, certify_split
+from utils.certify import AblationCertifier, bound_table, certify_patches, order_statistic_indices
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.plots import interval_figure, window_figure
-from utils.rf_certify import DMAX_QUANTILE, Calibration, RFClipCertifier, RFMaskCertifier, calibrate, window_box
+from utils.rf_certify import (
+    DMAX_QUANTILE,
+    Calibration,
+    RFClipCertifier,
+    RFMaskCertifier,
+    calibrate,
+    load_calibration,
+    window_box,
+)
 from utils.runtime import autocast, batch_for_memory, pick_device, prepare_model
 
 METHODS = ("ablation", "rf-clip", "rf-mask")
@@ -68,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--calibration", type=Path, help="rf-clip / rf-mask: the calibration.json of an earlier run")
     group.add_argument("--dmax-quantile", type=cli.unit_interval, default=DMAX_QUANTILE,
                        help="rf-clip: dmax is this quantile of the clean output cells of the calibration split")
-    group.add_argument("--figures", type=int, default=4,
+    group.add_argument("--figures", type=cli.non_negative_int, default=4,
                        help="rf-clip / rf-mask: figures of the first N images marking the windows where a patch of "
                             "the largest side hides and adds the most people")
     group = parser.add_argument_group("bound table (no model or data needed)")
@@ -97,33 +107,30 @@ def trained_ablation(weights: Path) -> AblationSpec | None:
     state = read_weights_file(Path(weights))
     trained = AblationSpec.from_checkpoint(state) if isinstance(state, dict) and "state_dict" in state else None
     if trained is None:
-        print(f"warning: {weights} was not trained with ablation; the certificate holds but will be loose")
+        print(f"warning: {weights} was not trained with ablation; the certificate holds but will be loose",
+              file=sys.stderr)
     return trained
 
 
-def _certifier(args: argparse.Namespace, model, dataset: CrowdDataset, sides: list[int], out_extra: dict,
-               device: torch.device) -> Certifier:
-    """The certifier --method asks for, with its settings checked (the calibration measured or loaded)."""
-    if args.method == "ablation":
-        spec = cli.ablation_spec(args, trained_ablation(args.weights))
-        spec.check_fits(dataset.sizes())
-        out_extra.update(keep=spec.keep, unit=spec.unit, fill=spec.fill)
-        return AblationCertifier(spec, args.samples, args.alpha, generator=torch.Generator(device=device),
-                                 seed=args.seed)  # its batch size is resolved once the model is on the device
-    rf = receptive_field(model)
+def _ablation_certifier(args: argparse.Namespace, dataset: CrowdDataset, out_extra: dict,
+                        device: torch.device) -> AblationCertifier:
+    """The ablation certifier, with the ablation the checkpoint records (or the flags) checked against the images."""
+    spec = cli.ablation_spec(args, trained_ablation(args.weights))
+    spec.check_fits(dataset.sizes())
+    out_extra.update(keep=spec.keep, unit=spec.unit, fill=spec.fill)
+    return AblationCertifier(spec, args.samples, args.alpha, generator=torch.Generator(device=device),
+                             seed=args.seed)  # its batch size is resolved once the model is on the device
+
+
+def _calibration_source(args: argparse.Namespace, model, rf) -> Calibration | CrowdDataset:
+    """What the receptive-field counters' constants come from, checked before any work: a loaded calibration, or the
+    split to calibrate on."""
     if args.calibration is not None:
-        calibration = Calibration.load(args.calibration)
-        if calibration.receptive_field and calibration.receptive_field != asdict(rf):
-            raise ToolkitError(f"{args.calibration} was measured for the receptive field "
-                               f"{calibration.receptive_field}, not this model's {asdict(rf)}")
-    elif args.calibrate is not None:
-        split = CrowdDataset.for_model(cli.check_split(args.calibrate), model)
-        calibration = calibrate(prepare_model(model, device).eval(), split, rf, sides, device, args.dmax_quantile,
-                                args.amp)
-    else:
-        raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "
-                           "--calibration FILE")
-    return (RFClipCertifier if args.method == "rf-clip" else RFMaskCertifier)(rf, calibration)
+        return load_calibration(args.calibration, rf)
+    if args.calibrate is not None:
+        return CrowdDataset.for_model(cli.check_split(args.calibrate), model)
+    raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "
+                       "--calibration FILE")
 
 
 def _batch_size(args: argparse.Namespace, model, dataset: CrowdDataset, device: torch.device) -> int:
@@ -137,14 +144,6 @@ def _batch_size(args: argparse.Namespace, model, dataset: CrowdDataset, device: 
 
     most = args.samples if args.method == "ablation" else len(dataset)
     return batch_for_memory(forward, device, args.memory_fraction, CPU_BATCH, most)
-
-
-def _by_nominal_side(row: dict, cover: dict[int, int]) -> dict:
-    """A row's per-side columns under the sides asked for, from those of the sides certified (`cover`)."""
-    kept = {k: v for k, v in row.items() if k in ("index", "image", "gt", "count")}
-    for s, c in cover.items():
-        kept.update({f"{key}{s}": row[f"{key}{c}"] for key in ("count", "L", "U", "hide", "add") if f"{key}{c}" in row})
-    return kept
 
 
 def _window_figures(out: Path, rows: list[dict], dataset: CrowdDataset, model, certifier, side: int, covered: int,
@@ -169,6 +168,12 @@ def main(args: argparse.Namespace) -> dict:
         raise ToolkitError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.samples < 1:
         raise ToolkitError(f"--samples must be at least 1, got {args.samples}")
+    if args.method == "ablation" and not args.bound_table and order_statistic_indices(args.samples, 0.0, args.alpha) \
+            is None:
+        needed = next(n for n in range(args.samples + 1, 10**6) if order_statistic_indices(n, 0.0, args.alpha))
+        print(f"warning: --samples {args.samples} cannot certify any image at --alpha {args.alpha}: even a patch that "
+              f"moves nothing (Δ = 0) has no pair of order statistics bounding the median; use --samples {needed} or "
+              "more", file=sys.stderr)
     if args.bound_table:
         if args.d is None:
             raise ToolkitError("--bound-table needs --d, the number of units")
@@ -177,32 +182,39 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.weights is None:
         raise ToolkitError("--weights is required: the model to certify (e.g. runs/certify_train/<run>/best.pt)")
+    runs.check_out(args, "certify")  # --out first: the calibration (minutes) comes after every check
     device = pick_device(args.device)
     model = build(args.model, args.weights)
     split = cli.synthetic_splits()[1] if args.data is None else cli.check_split(args.data)
     dataset = CrowdDataset.for_model(split, model, max_images=args.max_images)
-    # each side is certified for every pixel the toolkit's patch of that side can change
+    # each side is certified for every pixel the toolkit's patch of that side can change (Certifier.covered_side)
     specs = {s: cli.patch_spec(args, s) for s in args.patch_sizes}
     for spec in specs.values():
         spec.check_fits(dataset.smallest_side(), "the smallest image side")
-    cover = {s: spec.footprint_side for s, spec in specs.items()}
-    sides, resolved = sorted(set(cover.values())), {}
-    certifier = _certifier(args, model, dataset, sides, resolved, device)
+    resolved = {}
+    if args.method == "ablation":
+        certifier = _ablation_certifier(args, dataset, resolved, device)
+    else:
+        rf = receptive_field(model)
+        source = _calibration_source(args, model, rf)
     model = prepare_model(model, device).eval()
     if args.batch_size is None:
         resolved["batch_size"] = _batch_size(args, model, dataset, device)
-    if isinstance(certifier, AblationCertifier):
-        certifier.batch_size = resolved.get("batch_size", args.batch_size)
-    out = cli.run_dir(args, "certify", device, data=split, **resolved)
-    if isinstance(certifier, (RFClipCertifier, RFMaskCertifier)):
-        certifier.calibration.save(out / "calibration.json")
+    out = cli.run_dir(args, "certify", device, data=split, **resolved)  # every input checked: now the work
+    if args.method == "ablation":
+        certifier.batch_size = args.batch_size
+    else:
+        counter = RFClipCertifier if args.method == "rf-clip" else RFMaskCertifier
+        calibration = source if isinstance(source, Calibration) else calibrate(
+            model, source, rf, sorted({counter.covered_side(spec) for spec in specs.values()}), device,
+            args.dmax_quantile, args.amp)
+        certifier = counter(rf, calibration)
+        calibration.save(out / "calibration.json")
 
     start = time.perf_counter()
-    rows, metrics = certify_split(certifier, model, dataset, sides, device, args.amp,
-                                  args.batch_size if args.method != "ablation" else 1)
+    rows, metrics = certify_patches(certifier, model, dataset, specs, device, args.amp,
+                                    args.batch_size if args.method != "ablation" else 1)
     seconds = (time.perf_counter() - start) / len(rows)
-    metrics["patch_sizes"] = {str(s): {"certified_side": c, **metrics["patch_sizes"][str(c)]} for s, c in cover.items()}
-    rows = [_by_nominal_side(row, cover) for row in rows]
     metrics.update(seconds_per_image=seconds, images=len(rows),
                    forward_passes_per_image=args.samples if args.method == "ablation" else 1)
     save_csv(out / "per_image.csv", rows)
@@ -210,14 +222,14 @@ def main(args: argparse.Namespace) -> dict:
     interval_figure(out / f"intervals.{args.figure_format}", rows, args.patch_sizes)
     if args.method != "ablation" and args.figures > 0:
         largest = max(args.patch_sizes)
-        _window_figures(out, rows, dataset, model, certifier, largest, cover[largest], args.figures,
-                        args.figure_format, device)
+        _window_figures(out, rows, dataset, model, certifier, largest, metrics["patch_sizes"][str(largest)][
+            "certified_side"], args.figures, args.figure_format, device)
     if metrics["counter"] is not None:
-        print(f"{args.method} counts: MAE {metrics['counter']['mae']:.2f}  RMSE {metrics['counter']['mse']:.2f}")
+        print(f"{args.method} counts: MAE {metrics['counter']['mae']:.2f}  RMSE {metrics['counter']['rmse']:.2f}")
     for s, m in metrics["patch_sizes"].items():
-        print(f"  patch {s:>4}px (as {m['certified_side']}px): counter MAE {m['mae']:.2f}  certified "
-              f"{m['certified_fraction']:.0%}  tight-MAE {m['tight_mae']:.2f}  tight-MSE {m['tight_mse']:.2f}  mean "
-              f"width {m['mean_width']:.2f}")
+        print(f"  patch {s:>4}px (certified as {m['certified_side']} px, its {m['side_measure']}): counter MAE "
+              f"{m['mae']:.2f}  certified {m['certified_fraction']:.0%}  tight-MAE {m['tight_mae']:.2f} (floor "
+              f"{m['floor']:.2f})  tight-RMSE {m['tight_rmse']:.2f}  mean width {m['mean_width']:.2f}")
     print(f"{seconds:.3f} s per image -> {out}")
     return metrics
 

@@ -1,6 +1,6 @@
 """Undefended vs adversarially trained vs ablation-trained (RA) models of one architecture on one dataset, under
 the same APAM attack: per model clean MAE / RMSE and attacked MAE / RMSE per patch size (the RA model through its
-smoothed count, attacked with an expectation over ablations), and for RA the certified fraction and tight-MAE / MSE.
+smoothed count, attacked with an expectation over ablations), and for RA the certified fraction and tight-MAE / RMSE.
 Writes comparison.md, metrics.json and a comparison figure.
 
     python compare_defenses.py          # synthetic crowds: trains the two defended MCNNs with short schedules
@@ -15,17 +15,19 @@ from pathlib import Path
 
 import torch
 
-from datasets.crowd import CrowdDataset
+from datasets.crowd import CrowdDataset, largest_crop
+from datasets.shanghaitech import list_images
 from models import MODEL_NAMES, build, canonical_name
-from utils import cli
+from utils import cli, runs
 from utils.ablation import AblationSpec
 from utils.attack import DEFAULT_SIDE, APAMConfig, attack_metrics
-from utils.certify import AblationCertifier, certify_split
+from utils.certify import AblationCertifier, certify_patches
 from utils.errors import ToolkitError
 from utils.io import atomic_write, load_checkpoint, save_json
 from utils.plots import bar_figure
 from utils.recipes import ABLATION_DEFAULTS, ADVERSARIAL_DEFAULTS, ablation_recipe, adversarial_recipe
 from utils.runtime import pick_device, prepare_model
+from utils.text import plural
 from utils.training import DEFAULTS as PLAIN_DEFAULTS
 from utils.training import fit
 from utils.victims import synthetic_victim
@@ -38,6 +40,12 @@ LONG = {"adv_epochs": ADVERSARIAL_DEFAULTS["epochs"], "adv_val_restarts": ADVERS
         "ra_epochs": ABLATION_DEFAULTS["epochs"], "ra_warmup_epochs": ABLATION_DEFAULTS["warmup_epochs"],
         "max_test_images": None}
 VICTIM = "the cached victim (train.py defaults, random erasing)"
+
+
+def _omitted(key: str) -> str:
+    """What an omitted schedule flag takes: one value, or the synthetic default's and the other data's."""
+    short, long = SHORT[key], LONG[key]
+    return f"omitted: {long}" if short == long else f"omitted: {short} on the synthetic default, else {long}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,14 +62,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("training (of the models not given; omitted: the scripts' defaults, or the "
                                       "shorter schedules of the synthetic default)")
     group.add_argument("--adv-epochs", type=cli.positive_int,
-                       help=f"adversarial training epochs ({SHORT['adv_epochs']} on the synthetic default, else "
-                            f"{LONG['adv_epochs']})")
+                       help=f"adversarial training epochs ({_omitted('adv_epochs')})")
     group.add_argument("--adv-val-restarts", type=cli.positive_int, help="validation probe patches per epoch of "
-                       f"adversarial training ({SHORT['adv_val_restarts']} / {LONG['adv_val_restarts']})")
+                       f"adversarial training ({_omitted('adv_val_restarts')})")
     group.add_argument("--ra-epochs", type=cli.positive_int,
-                       help=f"ablation training epochs ({SHORT['ra_epochs']} / {LONG['ra_epochs']})")
-    group.add_argument("--ra-warmup-epochs", type=int, help="clean epochs before ablation starts "
-                       f"({SHORT['ra_warmup_epochs']} / {LONG['ra_warmup_epochs']})")
+                       help=f"ablation training epochs ({_omitted('ra_epochs')})")
+    group.add_argument("--ra-warmup-epochs", type=cli.non_negative_int, help="clean epochs before ablation starts "
+                       f"({_omitted('ra_warmup_epochs')})")
     group = parser.add_argument_group("attack (probe patches, optimised per model)")
     group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, DEFAULT_SIDE],
                        help="sides of the probe patches, in pixels (adversarial training uses the largest)")
@@ -104,13 +111,16 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
         return synthetic_victim(args.model, device)
     defaults = {"vanilla": PLAIN_DEFAULTS, "adv": ADVERSARIAL_DEFAULTS, "ra": ABLATION_DEFAULTS}[kind]
     model = build(args.model, checkpoints["vanilla"] if kind == "adv" else None, seed=args.seed)
-    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=defaults["crop"])
+    # the scripts' crop, or the largest that fits an image of each split where that is smaller (small data)
+    fits = min(largest_crop(list_images(root), model.size_multiple) for root in (train_root, test_root))
+    crop = max(min(defaults["crop"], fits), model.size_multiple)
+    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=crop)
     test_set = CrowdDataset.for_model(test_root, model, density=args.density)
     epochs, recipe = defaults["epochs"], None
     if kind == "adv":
         epochs = args.adv_epochs
         spec = cli.patch_spec(args, max(args.patch_sizes))
-        recipe = adversarial_recipe(model, test_set, spec, APAMConfig(lr=defaults["attack_lr"]), crop=defaults["crop"],
+        recipe = adversarial_recipe(model, test_set, spec, APAMConfig(lr=defaults["attack_lr"]), crop=crop,
                                     attack_steps=defaults["attack_steps"], kappa_spec=defaults["kappa"], epochs=epochs,
                                     val_epochs=defaults["val_epochs"], val_restarts=args.adv_val_restarts,
                                     seed=args.seed, device=device, amp=args.amp)
@@ -157,29 +167,27 @@ def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argpar
         result["attacked"][side], result["clean"] = metrics["attacked"], metrics["clean"]
     if kind == "ra":
         # certified for each probe's footprint (rotation, scale and bilinear rim included), at least its side
-        cover = {s: spec.footprint_side for s, spec in specs.items()}
         certifier = AblationCertifier(ablation, args.samples, args.alpha, generator=gen)
-        _, cert = certify_split(certifier, model, test_set, sorted(set(cover.values())), device, args.amp)
-        cert["patch_sizes"] = {str(s): {"certified_side": c, **cert["patch_sizes"][str(c)]} for s, c in cover.items()}
+        _, cert = certify_patches(certifier, model, test_set, specs, device, args.amp)
         result.update(clean=cert["counter"], certificate=cert)
     return result
 
 
 def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str], synthetic: bool) -> str:
     header = "| model | clean MAE / RMSE | " + " | ".join(f"APAM {s}px MAE / RMSE" for s in args.patch_sizes) + \
-        " | RA certificate per patch size: certified fraction, tight-MAE / MSE |"
+        " | RA certificate per patch size: certified fraction, tight-MAE / RMSE |"
     lines = [header, "|" + "---|" * (len(args.patch_sizes) + 3)]
     for kind in KINDS:
         r = results[kind]
         label = LABELS[kind] + (f" (k={keep})" if kind == "ra" else "")
-        cells = [f"{m['mae']:.2f} / {m['mse']:.2f}" for m in (r["clean"], *r["attacked"].values())]
+        cells = [f"{m['mae']:.2f} / {m['rmse']:.2f}" for m in (r["clean"], *r["attacked"].values())]
         cert = "; ".join(f"{s}px (as {c['certified_side']}px): {c['certified_fraction']:.0%}, "
-                         f"{c['tight_mae']:.2f} / {c['tight_mse']:.2f}"
+                         f"{c['tight_mae']:.2f} / {c['tight_rmse']:.2f}"
                          for s, c in r.get("certificate", {}).get("patch_sizes", {}).items())
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {cert} |")
     ra = results["ra"]
-    note = (f"{args.model}, {ra['test_images']} test images. Attack: per model and patch size the strongest (highest "
-            f"MAE) of {args.restarts} APAM patches (pred-scale, tau 10, {args.patch_shape}), each "
+    note = (f"{args.model}, {plural(ra['test_images'], 'test image')}. Attack: per model and patch size the strongest "
+            f"(highest MAE) of {args.restarts} APAM patches (pred-scale, tau 10, {args.patch_shape}), each "
             f"{args.attack_epochs} passes over {ra['attack_crop']}-px crops of the {ra['attack_split']} split; RA "
             f"attacked through {args.eot} ablations per crop and counted by the median of {args.attack_samples}. "
             f"Certificate: {args.samples} samples, alpha {args.alpha}, for a square patch of the side shown in "
@@ -197,6 +205,7 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
 def main(args: argparse.Namespace) -> dict:
     if not 0 < args.alpha < 1:
         raise ToolkitError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    runs.check_out(args, "compare_defenses")
     _check_architectures(args)
     device = pick_device(args.device)
     synthetic = not (args.data or args.train_data or args.test_data)

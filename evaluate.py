@@ -1,4 +1,4 @@
-"""Evaluate a counting model on a split: MAE, RMSE ("mse"), GAME(0..3), a per-image CSV and density figures.
+"""Evaluate a counting model on a split: MAE, RMSE, GAME(0..3), a per-image CSV and density figures.
 
     python evaluate.py --model mcnn --weights path/to/mcnn_shtechA_660.h5 \\
         --data ShanghaiTech/part_A_final/test_data --out runs/eval/mcnn_A
@@ -10,12 +10,13 @@ from pathlib import Path
 
 from datasets.crowd import DENSITY_SOURCES, CrowdDataset
 from models import build
-from utils import cli
+from utils import cli, runs
 from utils.engine import evaluate
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
 from utils.plots import density_figure
 from utils.runtime import pick_device, prepare_model
+from utils.text import plural
 from utils.victims import synthetic_victim
 
 
@@ -25,15 +26,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = cli.add_split_args(parser, "evaluate")
     group.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
                        help="density maps used for the GAME targets: adaptive or fixed kernel from the head points, "
-                            "or the ground_truth/IMG_<i>.h5 files (counts always come from the points)")
+                            "or the ground_truth/IMG_<i>.h5 files scaled to the number of heads (the ground-truth "
+                            "counts always come from the points)")
     group = parser.add_argument_group("output")
-    group.add_argument("--figures", type=int, default=4,
+    group.add_argument("--figures", type=cli.non_negative_int, default=4,
                        help="write density figures (ground truth beside prediction) for the first N images")
     cli.add_run_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
+    runs.check_out(args, "evaluate")  # before the synthetic victim is trained (minutes, the first time)
     device = pick_device(args.device)
     if args.weights is None:
         if args.data is not None:
@@ -46,14 +49,14 @@ def main(args: argparse.Namespace) -> dict:
     out = cli.run_dir(args, "evaluate", device, data=split)
     model = prepare_model(model, device)
 
-    metrics, rows, maps = evaluate(model, dataset, device, args.amp, keep_maps=args.figures)
+    metrics, rows, maps = evaluate(model, dataset, device, args.amp, keep_maps=args.figures, weights=args.weights)
     metrics.update(model=args.model, weights=str(args.weights), data=str(split))
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     for row, (image, target, pred) in zip(rows, maps, strict=False):
         density_figure(out / "figures" / f"{Path(row['image']).stem}.{args.figure_format}", image,
                        [("ground-truth density", target), ("prediction", pred)], row["image"], truth=row["gt"])
-    print(f"{len(rows)} images  MAE {metrics['mae']:.2f}  RMSE {metrics['mse']:.2f}  "
+    print(f"{plural(len(rows), 'image')}  MAE {metrics['mae']:.2f}  RMSE {metrics['rmse']:.2f}  "
           f"GAME(1..3) {metrics['game1']:.2f} / {metrics['game2']:.2f} / {metrics['game3']:.2f}  -> {out}")
     return metrics
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import h5py
@@ -62,13 +63,27 @@ def _splits(root: Path) -> list[Path]:
     return splits
 
 
-def write_densities(root: Path, kernel: str) -> int:
-    written = 0
+def _inputs(root: Path) -> dict[Path, list[tuple[Path, Path]]]:
+    """Per split, every (image, .mat ground truth), checked before any density is computed: each image has its
+    ground truth, and each ground_truth/ folder is writable."""
+    inputs = {}
     for split in _splits(root):
-        for image_path in tqdm(list_images(split), desc=split.name, dynamic_ncols=True):
+        pairs = []
+        for image_path in list_images(split):
             mat = ground_truth_file(image_path, ".mat")
             if mat is None:
                 raise ToolkitError(f"no ground truth for {image_path}")
+            if not os.access(mat.parent, os.W_OK | os.X_OK):
+                raise ToolkitError(f"cannot write the density maps: {mat.parent} is not writable")
+            pairs.append((image_path, mat))
+        inputs[split] = pairs
+    return inputs
+
+
+def write_densities(root: Path, kernel: str) -> int:
+    written = 0
+    for split, pairs in _inputs(root).items():
+        for image_path, mat in tqdm(pairs, desc=split.name, dynamic_ncols=True):
             h, w = load_image(image_path).shape[-2:]
             density = density_map(read_points(mat, h, w), (h, w), kernel)
 

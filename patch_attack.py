@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from datasets.crowd import CrowdDataset
-from models import MODEL_NAMES, build, load_weights
+from models import DISPLAY_NAMES, MODEL_NAMES, build, load_weights
 from models.receptive_field import receptive_field
+from models.weights import WrongModel
 from utils import cli, runs
 from utils.ablation import AblationSpec
 from utils.attack import (
@@ -37,8 +38,9 @@ from utils.errors import ToolkitError
 from utils.io import load_checkpoint, save_csv, save_json
 from utils.patch import PLACEMENTS, PatchSpec, load_patch, patch_side, random_patch, save_patch
 from utils.plots import curve_figure, density_figure
-from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier
+from utils.rf_certify import RFClipCertifier, RFMaskCertifier, load_calibration
 from utils.runtime import pick_device, prepare_model
+from utils.text import plural
 from utils.victims import synthetic_victim
 
 COUNTERS = ("model", "ablation", "rf-clip", "rf-mask")
@@ -87,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-models",
                        help="also evaluate the patch on other models (transfer): comma-separated name=weights "
                             "pairs, e.g. csrnet=path/to/csrnet.pth,can=path/to/can.pth")
-    group.add_argument("--figures", type=int, default=4,
+    group.add_argument("--figures", type=cli.non_negative_int, default=4,
                        help="write density figures (clean beside attacked) for the first N test images")
     group = parser.add_argument_group("certified counter under attack (default: the model's own count)")
     group.add_argument("--counter", default="model", choices=COUNTERS,
@@ -111,7 +113,12 @@ def _transfer(pairs: str, patch: torch.Tensor, spec: PatchSpec, placement: str, 
         if name.lower() not in MODEL_NAMES or not weights:
             raise ToolkitError(f"--eval-models takes name=weights pairs with a name in {', '.join(MODEL_NAMES)}; "
                                f"got {item!r}")
-        model = prepare_model(build(name, weights).requires_grad_(False), device).eval()
+        try:
+            model = build(name, weights)
+        except WrongModel as e:  # its message offers --model, which names the attacked model here
+            raise ToolkitError(f"--eval-models {item}: {weights} holds {DISPLAY_NAMES[e.holds]} weights; give "
+                               f"{e.holds}={weights}") from None
+        model = prepare_model(model.requires_grad_(False), device).eval()
         dataset = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
         rows, _ = evaluate_patch(model, dataset, patch, spec, device, placement, args.batch_size, args.seed, args.amp)
         table[f"{name}={weights}"] = patch_metrics(rows)
@@ -129,8 +136,8 @@ def _certifier(args: argparse.Namespace, model, device: torch.device) -> Certifi
             args.seed), eot=args.eot)
     if args.calibration is None:
         raise ToolkitError(f"--counter {args.counter} needs --calibration, the calibration.json of a certify.py run")
-    certifier = RFClipCertifier if args.counter == "rf-clip" else RFMaskCertifier
-    return certifier(receptive_field(model), Calibration.load(args.calibration))
+    certifier, rf = RFClipCertifier if args.counter == "rf-clip" else RFMaskCertifier, receptive_field(model)
+    return certifier(rf, load_calibration(args.calibration, rf))
 
 
 def _spec(args: argparse.Namespace) -> tuple[torch.Tensor, PatchSpec]:
@@ -154,7 +161,23 @@ def _spec(args: argparse.Namespace) -> tuple[torch.Tensor, PatchSpec]:
     return patch, spec
 
 
+def _check_counter(args: argparse.Namespace) -> None:
+    """The certified counter's flags and files, checked before the victim is trained and the patch optimised (the
+    calibration's receptive field, which takes seconds to measure, once the model is built: `_certifier`)."""
+    from utils.rf_certify import Calibration
+
+    if args.counter == "ablation" and args.weights is None:
+        raise ToolkitError("--counter ablation needs --weights, a checkpoint of MCNN_certify_train.py (the synthetic "
+                           "victim was not trained with ablation)")
+    if args.counter in ("rf-clip", "rf-mask"):
+        if args.calibration is None:
+            raise ToolkitError(f"--counter {args.counter} needs --calibration, the calibration.json of a certify.py "
+                               "run")
+        Calibration.load(args.calibration)
+
+
 def main(args: argparse.Namespace) -> dict:
+    runs.check_out(args, "patch_attack")  # --out first: the victim training and the attack come after every check
     device = pick_device(args.device)
     train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
     if test_root is None:
@@ -162,6 +185,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.weights is None and (args.data or args.train_data or args.test_data):
         raise ToolkitError("--weights is required with your own data (the default victim is for synthetic data)")
     model = build(args.model)  # the architecture shapes the data; its weights are loaded once the inputs are checked
+    _check_counter(args)
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
     patch, spec = _spec(args)
     spec.check_fits(test_set.smallest_side(), "the smallest test image side")
@@ -172,15 +196,16 @@ def main(args: argparse.Namespace) -> dict:
                                            max_images=args.max_train_images)
         spec.check_fits(train_set.smallest_side(), "the smallest training image or crop")
 
-    args.weights = args.weights or synthetic_victim(args.model, device)
+    args.weights = args.weights or synthetic_victim(args.model, device, seed=args.seed)
     load_weights(model, args.weights)
     model = prepare_model(model.requires_grad_(False), device).eval()
     through = counter = model
     if args.counter != "model":  # the certified counter, for the patch as the certificate covers it
         certifier = _certifier(args, model, device)
-        through = partial(certifier.attack_density, model, side=spec.footprint_side)
-        counter = partial(certifier.density, model, side=spec.footprint_side)
-        certifier.density(model, test_set[0][0][None].to(device), spec.footprint_side)  # fail now, not after APAM
+        side = certifier.covered_side(spec)
+        through = partial(certifier.attack_density, model, side=side)
+        counter = partial(certifier.density, model, side=side)
+        certifier.density(model, test_set[0][0][None].to(device), side)  # fail now, not after APAM
     patch = patch.to(device)
     out = cli.run_dir(args, "patch_attack", device, patch_size=spec.side, patch_shape=spec.shape,
                       placement=spec.placement, rotation=spec.transform.rotation,
@@ -214,10 +239,14 @@ def main(args: argparse.Namespace) -> dict:
         density_figure(out / "figures" / f"{Path(name).stem}.{args.figure_format}", patched,
                        [("clean", clean), ("attacked", attacked)], f"{name} (patched)", truth=truth[name])
     c, a, n = metrics["clean"], metrics["attacked"], metrics["control"]
-    print(f"patch {spec.side}px {spec.shape} ({covered:.2%} of the pixels), {len(rows)} test images\n"
-          f"  clean    MAE {c['mae']:8.2f}  RMSE {c['mse']:8.2f}\n"
-          f"  attacked MAE {a['mae']:8.2f}  RMSE {a['mse']:8.2f}  mean shift {a['mean_shift']:+.2f}\n"
-          f"  control  MAE {n['mae']:8.2f}  RMSE {n['mse']:8.2f}  mean shift {n['mean_shift']:+.2f}\n"
+    print(f"patch {spec.side}px {spec.shape} ({covered:.2%} of the pixels), {plural(len(rows), 'test image')} "
+          f"(mean count {metrics['mean_gt']:.1f})\n"
+          f"  clean    MAE {c['mae']:8.2f}  RMSE {c['rmse']:8.2f}  mean error {c['bias']:+.2f}\n"
+          f"  attacked MAE {a['mae']:8.2f}  RMSE {a['rmse']:8.2f}  mean shift {a['mean_shift']:+.2f}\n"
+          f"  control  MAE {n['mae']:8.2f}  RMSE {n['rmse']:8.2f}  mean shift {n['mean_shift']:+.2f}\n"
+          f"  the patch moves the counts by {a['shift_vs_control']:+.2f} on average against the noise control "
+          f"({a['shift_vs_control'] / max(c['mae'], 1e-12):.1f}x the clean MAE); attacked MAE "
+          f"{a['mae'] / max(c['mae'], 1e-12):.2f}x the clean\n"
           f"  -> {out}")
     return metrics
 

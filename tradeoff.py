@@ -37,8 +37,9 @@ def run_points(folder: Path, sides: list[int] | None) -> tuple[str, dict[int, tu
         if sides is not None and int(side) not in sides:
             continue
         clean = m["mae"] if "mae" in m else (metrics["counter"] or {}).get("mae")  # rf-mask: a counter per side
-        if clean is not None and m["tight_mae"] == m["tight_mae"]:  # NaN: no image certified at this side
-            points[int(side)] = (float(clean), float(m["tight_mae"]))
+        tight = m.get("tight_mae")  # null (NaN in older files): no image certified at this side
+        if clean is not None and tight is not None and tight == tight:
+            points[int(side)] = (float(clean), float(tight))
     if not points:
         raise ToolkitError(f"{folder} has no certified side among {sides or 'its sides'}")
     return f"{folder.name} ({record.get('model', '?')}, {metrics['method']})", points

@@ -1,4 +1,5 @@
-"""Train a crowd-counting model (any of the five) on a ShanghaiTech-layout dataset or the synthetic crowds.
+"""Train a crowd-counting model (any of the six: the five classic networks and SmallField) on a ShanghaiTech-layout
+dataset or the synthetic crowds.
 
     python train.py --model mcnn                                   # synthetic default
     python train.py --model csrnet --data ShanghaiTech/part_A_final --epochs 400 --crop 256

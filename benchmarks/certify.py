@@ -81,7 +81,7 @@ def receptive_field_costs(model, args: argparse.Namespace, device: torch.device)
     """Seconds per image of rf-clip and rf-mask on a batch, and of the bare forward pass and count."""
     rf = receptive_field(model)
     images = torch.rand(args.images, 3, args.height, args.width, device=device)
-    sides = [PatchSpec(s).footprint_side for s in SIDES]
+    sides = [RFMaskCertifier.covered_side(PatchSpec(s)) for s in SIDES]
     with torch.no_grad(), autocast(device, args.amp):
         clean = model(images).float()
     calibration = Calibration(float(clean.clamp_min(0).quantile(0.999)), dict.fromkeys(sides, 1.0))

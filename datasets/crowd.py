@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.density import density_map, downsample
-from datasets.shanghaitech import ground_truth_file, list_images, load_image, read_h5_density, read_points
+from datasets.shanghaitech import ground_truth_file, image_size, list_images, load_image, read_h5_density, read_points
 from datasets.transforms import multiple_size, random_crop_flip, random_erase, resize_to_multiple
 from utils import distributed
 from utils.errors import ToolkitError
@@ -18,12 +18,20 @@ from utils.runtime import derived_generator
 DENSITY_SOURCES = ("adaptive", "fixed", "h5")
 
 
+def largest_crop(images: list[Path], size_multiple: int) -> int:
+    """The largest crop side (a multiple of `size_multiple`) that fits inside at least one of `images` (0: none);
+    read from the image headers."""
+    return max(min(image_size(p)) for p in images) // size_multiple * size_multiple
+
+
 class CrowdDataset(Dataset):
     """Whole images resized to the model's size rule (evaluation), or random crops with flips (training).
 
-    Items are `(image (3, h, w) in [0, 1], target (1, h/stride, w/stride), count)`. The target is made from the
-    head points at the image's working size and sum-pooled to the stride, so its sum is the number of heads; the
-    count of a whole image is the number of annotated heads inside it.
+    Items are `(image (3, h, w) in [0, 1], target (1, h/stride, w/stride), count)`. The count of a whole image is
+    the number of annotated heads inside it (the `.mat` points), whatever `density` is. The target is made from the
+    head points at the image's working size (or, with `density="h5"`, is the `ground_truth/IMG_<i>.h5` map scaled to
+    sum to that number) and sum-pooled to the stride, so its sum is the count and GAME(0) is the absolute count
+    error. A training crop's count is the sum of its window of the full-size target.
 
     The crop, flip and erasing of item i are drawn from a generator keyed by (seed, epoch, i) (`set_epoch`), so they
     do not depend on the global RNG, the loading order, the number of workers or where a run was resumed.
@@ -44,6 +52,14 @@ class CrowdDataset(Dataset):
         self._cache: dict[tuple, object] | None = {} if cache else None
         for image in self.images:  # fail on a missing annotation now, not mid-epoch
             self._annotation(image)
+            if density == "h5":
+                self._annotation(image, ".h5")
+        if crop is not None:  # a crop larger than every image would be mostly padding: refuse it before any work
+            fits = largest_crop(self.images, size_multiple)
+            if crop > fits:
+                raise ToolkitError(f"crop {crop} is larger than every image of {self.root}: "
+                                   + (f"at most {fits} fits one (a multiple of {size_multiple})" if fits else
+                                      f"no image has both sides of at least {size_multiple} px"))
 
     @classmethod
     def for_model(cls, root: str | Path, model, **kwargs) -> CrowdDataset:
@@ -63,8 +79,8 @@ class CrowdDataset(Dataset):
     def names(self) -> list[str]:
         return [p.name for p in self.images]
 
-    def _annotation(self, image: Path) -> Path:
-        suffix = ".h5" if self.density == "h5" else ".mat"
+    def _annotation(self, image: Path, suffix: str = ".mat") -> Path:
+        """The head points (`.mat`, what every count comes from) or, with suffix ".h5", the h5 density."""
         path = ground_truth_file(image, suffix)
         if path is None:
             raise ToolkitError(f"no ground truth for {image} (expected ground_truth/"
@@ -101,12 +117,13 @@ class CrowdDataset(Dataset):
         path = self.images[index]
         image = load_image(path, self.grey)
         h, w = image.shape[-2:]
-        if self.density == "h5":
-            full = read_h5_density(self._annotation(path))
-            if full.shape != (h, w):
-                raise ToolkitError(f"{self._annotation(path)}: density is {full.shape}, image is {(h, w)}")
-            return image, full, float(full.sum())
         points = read_points(self._annotation(path), h, w)
+        if self.density == "h5":
+            h5 = self._annotation(path, ".h5")
+            full = read_h5_density(h5)
+            if full.shape != (h, w):
+                raise ToolkitError(f"{h5}: density is {full.shape}, image is {(h, w)}")
+            return image, _scaled_to(full, len(points), h5), float(len(points))
         return image, points, float(len(points))
 
     def _full_density(self, index: int) -> torch.Tensor:
@@ -122,11 +139,16 @@ class CrowdDataset(Dataset):
         if self.density == "h5":
             full = torch.from_numpy(source)[None, None]
             den = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            den *= count / max(float(den.sum()), 1e-12)
+            den *= count / max(float(den.sum(dtype=torch.float64)), 1e-12)
         else:
-            scale = np.array([w / image.shape[-1], h / image.shape[-2]])
-            den = torch.from_numpy(density_map(source * scale, (h, w), self.density))
+            den = torch.from_numpy(density_map(resized_points(source, image.shape[-2:], (h, w)), (h, w), self.density))
         return resize_to_multiple(image, self.size_multiple), downsample(den, self.stride)[None], count
+
+    def head_points(self, index: int) -> np.ndarray:
+        """(N, 2) head points (x, y) of whole image `index`, in the pixels of the image `__getitem__` returns."""
+        image = self._load(index)[0]
+        points = read_points(self._annotation(self.images[index]), *image.shape[-2:])
+        return resized_points(points, image.shape[-2:], multiple_size(*image.shape[-2:], self.size_multiple))
 
     def __getitem__(self, index: int):
         if self.crop is None:
@@ -135,6 +157,23 @@ class CrowdDataset(Dataset):
         image, den = random_crop_flip(self._load(index)[0], self._full_density(index), self.crop, self.flip, gen)
         image, den = random_erase(image, den, self.erase, gen)
         return image, downsample(den, self.stride)[None], float(den.sum())
+
+
+def resized_points(points: np.ndarray, size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray:
+    """Head points (x, y) of an image of `size` (h, w) in the pixels of the image resized to `new_size`; a head
+    inside the image stays inside the resized one (rounding could put x · w / W at w)."""
+    (h0, w0), (h, w) = size, new_size
+    scaled = points * np.array([w / w0, h / h0])
+    return np.minimum(scaled, np.nextafter(np.array([w, h], dtype=np.float64), 0))
+
+
+def _scaled_to(density: np.ndarray, heads: int, path: Path) -> np.ndarray:
+    """An h5 density scaled to sum to the number of annotated heads, the ground truth whatever the map holds (a map
+    made by a generator that loses the mass of border heads sums to less)."""
+    total = float(density.sum(dtype=np.float64))
+    if not np.isfinite(total) or total < 0 or (total == 0 and heads > 0):
+        raise ToolkitError(f"{path}: the density sums to {total:g} but the image has {heads} annotated heads")
+    return density if total == 0 else (density * (heads / total)).astype(np.float32)
 
 
 def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bool = False,

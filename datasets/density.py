@@ -1,8 +1,16 @@
 """Density maps from head points (MCNN `fixed`, CSRNet `adaptive`) and sum-exact downsampling.
 
-Both kernels are separable per head, so the fast path builds one row profile and one column profile
-per head and sums every head's outer product in a single matrix product. `reference_density_map`
-is the slow per-point definition the fast path is tested and benchmarked against.
+Every head keeps its whole mass inside the image, so a map sums to the number of heads inside it (the ground
+truth count) whatever the kernel: `fixed` is MCNN's generator, a fresh Gaussian on the 15×15 window cut by the
+border; `adaptive` is CSRNet's truncated Gaussian, renormalised over the part of it that lies inside the image
+(a head near the border has its kernel cut by the border and scaled up to sum 1; CSRNet's original loses that
+mass). Renormalising the cut kernel, rather than mirroring or moving it, leaves every interior head unchanged and
+keeps the mass where the kernel already puts it.
+
+Both kernels are separable per head, and the cut of a separable kernel by the image rectangle is the product of
+its cuts along each axis, so the fast path builds one row profile and one column profile per head, each
+normalised over the image, and sums every head's outer product in a single matrix product.
+`reference_density_map` is the slow per-head definition the fast path is tested and benchmarked against.
 """
 import numpy as np
 import torch
@@ -65,7 +73,10 @@ def _fixed_profiles(centres: np.ndarray, size: int) -> np.ndarray:
 
 
 def _adaptive_profiles(centres: np.ndarray, sigmas: np.ndarray, size: int) -> np.ndarray:
-    """(N, size) scipy `gaussian_filter1d` weights per head, normalised over the full radius, then clipped."""
+    """(N, size) scipy `gaussian_filter1d` weights per head, clipped to the image and renormalised to sum 1 there.
+
+    The weights are first normalised over the full radius, as scipy does, so an interior head's profile is exactly
+    scipy's; the renormalisation changes only the heads whose kernel the border cuts."""
     radii = (TRUNCATE * sigmas + 0.5).astype(np.int64)
     # scipy skips an axis whose sigma <= 1e-15 (the identity); radius 0 with any sigma gives the same delta.
     radii[sigmas <= 1e-15] = 0
@@ -73,12 +84,14 @@ def _adaptive_profiles(centres: np.ndarray, sigmas: np.ndarray, size: int) -> np
     taps = np.arange(-radii.max(initial=0), radii.max(initial=0) + 1)
     norm = (np.exp(scale[:, None] * taps**2) * (np.abs(taps) <= radii[:, None])).sum(axis=1)
     offsets = np.arange(size) - centres[:, None]
-    prof = np.exp(scale[:, None] * offsets**2) * (np.abs(offsets) <= radii[:, None])
-    return prof / norm[:, None]
+    prof = np.exp(scale[:, None] * offsets**2) * (np.abs(offsets) <= radii[:, None]) / norm[:, None]
+    # the head's own tap (weight > 0) is always inside, so every sum is positive
+    return prof / prof.sum(axis=1, keepdims=True)
 
 
 def density_map(points: np.ndarray, shape: tuple[int, int], kernel: str = "adaptive") -> np.ndarray:
-    """Float32 (H, W) density of `points` (N, 2) as (x, y); heads outside the image are ignored."""
+    """Float32 (H, W) density of `points` (N, 2) as (x, y); heads outside the image are ignored, and each head
+    inside it adds exactly 1 (its kernel cut by the border and renormalised), so the map sums to their number."""
     pts, h, w = _check(points, shape, kernel)
     rows, cols = _head_pixels(pts, kernel)
     if kernel == "fixed":
@@ -99,7 +112,8 @@ def _fspecial_gaussian(rows: int, cols: int, sigma: float) -> np.ndarray:
 
 
 def reference_density_map(points: np.ndarray, shape: tuple[int, int], kernel: str = "adaptive") -> np.ndarray:
-    """Slow per-head definition: a 2-D fspecial window, or a whole-image gaussian_filter, per head."""
+    """Slow per-head definition: a 2-D fspecial window cut by the border, or a whole-image gaussian_filter of the
+    head's one-hot image divided by its sum (the kernel renormalised over the part inside the image), per head."""
     pts, h, w = _check(points, shape, kernel)
     rows, cols = _head_pixels(pts, kernel)
     density = np.zeros((h, w))
@@ -112,7 +126,8 @@ def reference_density_map(points: np.ndarray, shape: tuple[int, int], kernel: st
         for r, c, sigma in zip(rows, cols, adaptive_sigmas(rows, cols, (h, w)), strict=True):
             one_hot = np.zeros((h, w))
             one_hot[r, c] = 1.0
-            density += gaussian_filter(one_hot, sigma, mode="constant", truncate=TRUNCATE)
+            blurred = gaussian_filter(one_hot, sigma, mode="constant", truncate=TRUNCATE)
+            density += blurred / blurred.sum()
     return density.astype(np.float32)
 
 

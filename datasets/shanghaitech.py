@@ -64,6 +64,18 @@ def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
     return image.expand(3, *image.shape).contiguous() if grey else image.permute(2, 0, 1)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise ToolkitError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ToolkitError(f"cannot read image {path}: {e}") from None
+    return height, width
+
+
 def read_points(path: str | Path, height: int | None = None, width: int | None = None) -> np.ndarray:
     """Head points (N, 2) as (x, y) from a ShanghaiTech `.mat`; points outside the image are dropped."""
     try:

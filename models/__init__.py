@@ -16,11 +16,14 @@ from models.weights import checkpoint_state, load_weights
 from utils.errors import ToolkitError
 
 MODEL_NAMES = ("mcnn", "csrnet", "can", "cmtl", "danet", "smallfield")
+DISPLAY_NAMES = {"mcnn": "MCNN", "csrnet": "CSRNet", "can": "CAN", "cmtl": "CMTL", "danet": "DA-Net",
+                 "smallfield": "SmallField"}
 _BUILDERS = {"mcnn": build_mcnn, "csrnet": build_csrnet, "can": build_can, "cmtl": build_cmtl,
              "danet": build_danet, "smallfield": build_smallfield}
 _ALIASES = {"da-net": "danet", "da_net": "danet"}
 
-__all__ = ["MODEL_NAMES", "CrowdCounter", "build", "canonical_name", "checkpoint_state", "load_weights"]
+__all__ = ["DISPLAY_NAMES", "MODEL_NAMES", "CrowdCounter", "build", "canonical_name", "checkpoint_state",
+           "load_weights"]
 
 
 def canonical_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""`CrowdCounter`: one wrapper that gives all five networks the same [0, 1] RGB interface; each converts it to its
+"""`CrowdCounter`: one wrapper that gives all six networks the same [0, 1] RGB interface; each converts it to its
 native input (grey 0–255 for MCNN, CMTL and DA-Net; ImageNet-normalised RGB for CSRNet and CAN)."""
 import torch
 import torch.nn.functional as F

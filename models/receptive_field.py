@@ -18,7 +18,9 @@ from torch import nn
 from utils.errors import ToolkitError
 
 MAX_SIDE = 2048  # a support still touching the border of an input this large is taken as global
-PERIOD = 4  # consecutive output cells measured: fields repeat with this period at most (CMTL's ×4 upsampling)
+# Consecutive output cells measured: their fields must repeat with a period dividing this (×4 for CMTL's transposed
+# convolutions, ×8 for CSRNet's nearest upsampling), or a cell left unmeasured could see more than the field says.
+PERIOD = 16
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,11 @@ def receptive_field(model, start: int = 128, max_side: int = MAX_SIDE) -> Recept
     side = start
     while side <= max_side:
         side = side // model.size_multiple * model.size_multiple
-        centre = side // stride // 2
-        cells = list(range(centre, centre + PERIOD))
+        cells_per_side = side // stride
+        centre = cells_per_side // 2
+        cells = list(range(max(centre - PERIOD // 2, 0), min(centre + PERIOD // 2, cells_per_side)))
         spans = _supports(twin, model.native_channels, side, cells)
-        if all(0 < lo and hi < side - 1 for lo, hi in spans):
+        if len(cells) == PERIOD and all(0 < lo and hi < side - 1 for lo, hi in spans):
             offset = min(lo - c * stride for (lo, _), c in zip(spans, cells, strict=True))
             end = max(hi - c * stride for (_, hi), c in zip(spans, cells, strict=True))
             return ReceptiveField(end - offset + 1, stride, offset)

@@ -94,6 +94,38 @@ def tiny_counter():
 
 
 @pytest.fixture(scope="session")
+def pool_counter():
+    """Factory of counters built to be worst cases for a receptive-field certificate: `pool_counter(kind, side,
+    offset, stride, upsample=1)` max-pools (kind "max") or min-pools ("min": one minus the minimum) the grey image
+    over exactly side × side pixels, cell j seeing rows and columns j·stride + offset .. + side − 1, optionally
+    repeating each cell `upsample` times (nearest). One changed pixel anywhere in a cell's field moves it when it
+    becomes the new extreme, so the cells a bright (max) or dark (min) patch moves are all the cells it reaches."""
+    from torch import nn
+
+    from models.counter import CrowdCounter
+
+    class Pool(nn.Module):
+        def __init__(self, kind: str, side: int, offset: int, stride: int, upsample: int):
+            super().__init__()
+            pad = -offset
+            # separable: the max over a square is the max over its rows of the max over its columns
+            self.rows = nn.MaxPool2d((side, 1), (stride, 1), (pad, 0))
+            self.cols = nn.MaxPool2d((1, side), (1, stride), (0, pad))
+            self.up = nn.Upsample(scale_factor=upsample, mode="nearest") if upsample > 1 else nn.Identity()
+            self.kind = kind
+
+        def forward(self, grey):  # grey in 0..255
+            x = grey / 255 if self.kind == "max" else 1 - grey / 255
+            return self.up(self.cols(self.rows(x)))
+
+    def make(kind: str, side: int, offset: int, stride: int, upsample: int = 1) -> CrowdCounter:
+        return CrowdCounter(f"{kind}-pool", Pool(kind, side, offset, stride * upsample, upsample),
+                            stride=stride, size_multiple=stride * upsample, native_channels=1).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_ra_pixel(tiny_crowds, tmp_path_factory) -> Path:
     """Run folder of MCNN_certify_train.py with a non-default ablation: 300 pixels kept, filled with 0.5."""
     import MCNN_certify_train as script
@@ -150,3 +182,26 @@ def cli_error(capsys):
         return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
     return run
+
+
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+@pytest.fixture
+def strict_json():
+    """Parse every .json file under a folder as a strict parser does (NaN, Infinity: errors); returns
+    {path: content}, and fails naming the file that is not strict JSON."""
+    import json
+
+    def parse(root: Path) -> dict[Path, object]:
+        found = {}
+        for path in sorted(Path(root).rglob("*.json")):
+            try:
+                found[path] = json.loads(path.read_text(), parse_constant=_refuse_constant)
+            except ValueError as e:
+                pytest.fail(f"{path} is not strict JSON: {e}")
+        assert found, f"no JSON file under {root}"
+        return found
+
+    return parse

@@ -35,7 +35,7 @@ def test_short_run_moves_the_patch_and_the_model(adv_run, tiny_mcnn):
     log = list(csv.DictReader(open(out / "log.csv")))
     assert [float(r["kappa"]) for r in log] == [1.0, 0.5]  # the paper's schedule stretched onto 2 epochs
     assert {"mae", "attacked_mae", "clean_mae", "start"} <= set(summary) and summary["start"]["clean_mae"] >= 0
-    assert summary["best"]["epoch"] == 2  # best.pt comes from an epoch that trained on patches
+    assert summary["best_epoch"] == 2  # best.pt comes from an epoch that trained on patches
 
 
 def test_resume_carries_the_patch(adv_run, tiny_crowds, tiny_mcnn, tmp_path, monkeypatch):

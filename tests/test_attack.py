@@ -196,6 +196,34 @@ def test_default_run_on_the_synthetic_victim(tmp_path):
     assert metrics["patch"]["area_fraction"] <= 0.02
 
 
+def test_the_headline_measures_by_hand():
+    from utils.attack import patch_metrics
+
+    rows = [{"gt": 10.0, "clean": 8.0, "attacked": 20.0, "control": 9.0},
+            {"gt": 30.0, "clean": 26.0, "attacked": 40.0, "control": 27.0}]
+    m = patch_metrics(rows)
+    assert m["clean"]["mae"] == 3.0 and m["clean"]["bias"] == -3.0  # an undercounting model
+    assert m["attacked"]["mean_shift"] == 13.0 and m["control"]["mean_shift"] == 1.0
+    assert m["attacked"]["shift_vs_control"] == 12.0 and m["mean_gt"] == 20.0
+    assert m["attacked"]["mae"] == 10.0  # 3.3x the clean MAE here; with a larger undercount the ratio shrinks
+
+
+def test_the_victim_of_each_seed_is_picked_on_its_own_draw_of_the_train_split(tiny_crowds):
+    from utils import victims
+
+    dataset = CrowdDataset.for_model(tiny_crowds / "train_data", build("mcnn"), crop=64, erase=0.5)
+    parts = {}
+    for seed in range(6):
+        train, val = victims.validation_split(dataset, seed)
+        assert sorted(train.names + val.names) == sorted(dataset.names) and not set(train.names) & set(val.names)
+        assert len(val) == 1 and train.crop == 64  # max(1, 10 % of 6); the caller scores it on whole images
+        assert list(val.counts()) == [dataset.counts()[dataset.names.index(n)] for n in val.names]
+        assert victims.validation_split(dataset, seed)[1].names == val.names  # a function of the seed
+        parts[seed] = tuple(val.names)
+    assert len(set(parts.values())) > 1
+    assert len({victims.victim_dir("mcnn", seed) for seed in range(3)}) == 3  # one cache entry per seed
+
+
 def test_a_certified_counter_attacked_end_to_end_stays_inside_its_certificate(tiny_mcnn, tiny_crowds, tmp_path):
     import csv
 

@@ -113,3 +113,16 @@ def test_apam_against_the_smoothed_model_stays_inside_the_certificate(tiny_mcnn,
                 after = spec.counts(model, attacked, samples, generator=gen).numpy()
             lo, hi = certified_interval(before, delta(d, rho, keep), alpha)
             assert lo <= np.median(after) <= hi, (objective, lo, np.median(after), hi)
+
+
+def test_most_heads_in_square_is_the_brute_force_maximum():
+    from utils.certify import most_heads_in_square
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, [30, 20], size=(60, 2))
+    points[:5] = [[29.99, 19.99], [0, 0], [12.5, 7.5], [12.9, 7.1], [13.0, 7.0]]  # edges and shared pixels
+    cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
+    for side in (1, 3, 7, 25):
+        best = max(int(((rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)).sum())
+                   for r in range(max(20 - side, 0) + 1) for c in range(max(30 - side, 0) + 1))
+        assert most_heads_in_square(points, (20, 30), side) == best

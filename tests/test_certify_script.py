@@ -39,11 +39,24 @@ def test_bad_input(tiny_mcnn, tiny_crowds, cli_error, capsys):
     ]
     for argv, message in cases:
         code, lines = cli_error(certify, argv)
-        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
+        errors = [line for line in lines if not line.startswith("warning: ")]  # warnings may precede the error
+        assert code == 2 and errors == lines[-1:] and message in lines[-1], (argv, lines)
     certify.main(certify.get_args_parser().parse_args(["--weights", str(tiny_mcnn), "--data", data, "--samples", "2",
                                                        "--patch-sizes", "4", "--max-images", "1", "--out",
                                                        str(Path(tiny_mcnn).parent / "c"), "--device", "cpu"]))
-    assert "was not trained with ablation" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "warning:" not in out  # warnings go to stderr
+    assert "was not trained with ablation" in err
+    # 2 samples certify nothing at alpha 0.05 even when a patch moves nothing (0.5^n > alpha / 2 below n = 6)
+    assert "warning: --samples 2 cannot certify any image at --alpha 0.05" in err and "--samples 6 or more" in err
+
+
+def test_enough_samples_give_no_warning(capsys):
+    from utils.certify import order_statistic_indices
+
+    assert order_statistic_indices(5, 0.0, 0.05) is None and order_statistic_indices(6, 0.0, 0.05) is not None
+    certify.main(certify.get_args_parser().parse_args(["--bound-table", "--d", "100000", "--samples", "2"]))
+    assert "warning" not in capsys.readouterr().err  # the bound table draws no samples
 
 
 def test_certify_ablates_as_the_model_was_trained(tiny_ra_pixel, tiny_crowds, tmp_path, ablation_log, capsys):
@@ -55,7 +68,8 @@ def test_certify_ablates_as_the_model_was_trained(tiny_ra_pixel, tiny_crowds, tm
     ablation_log.clear()
     metrics = certify.main(certify.get_args_parser().parse_args([*argv, "--fill", "0.25", "--out",
                                                                  str(tmp_path / "b")]))
-    assert "--fill 0.25 overrides the fill 0.5 the model was trained with" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "warning: --fill 0.25 overrides the fill 0.5 the model was trained with" in err and "overrides" not in out
     assert metrics["fill"] == 0.25
     ablation_log.check(unit="pixel", fill=0.25)
 

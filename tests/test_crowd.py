@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,53 @@ def test_h5_densities_are_read(tiny_crowds, tmp_path):
     b = CrowdDataset(split, 4, 4, "fixed")
     for i in range(len(a)):
         torch.testing.assert_close(a[i][1].sum(), b[i][1].sum(), atol=1e-3, rtol=0)
+
+
+def _h5_copy(split, tmp_path, shrink: float = 1.0):
+    """A copy of `split` with adaptive h5 densities, scaled by `shrink` (as a generator that loses border mass)."""
+    import shutil
+
+    import h5py
+
+    from make_dataset import write_densities
+
+    copy = tmp_path / split.name
+    shutil.copytree(split, copy)
+    write_densities(copy, "adaptive")
+    for path in (copy / "ground_truth").glob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            f["density"][...] = f["density"][...] * shrink
+    return copy
+
+
+@pytest.mark.parametrize("density", ["adaptive", "fixed", "h5"])
+def test_whole_image_targets_sum_to_the_head_count_on_the_mini_set(shared_dir, tmp_path, density):
+    """The count is the number of annotated heads inside the image whatever the density (an h5 map that lost 2 %
+    of its mass included), and the target at the model's stride sums to it, so GAME(0) is the count error."""
+    mini = shared_dir / "data" / "ShanghaiTech-mini"
+    for split in (mini / "part_A_final" / "test_data", mini / "part_B_final" / "test_data"):
+        root = _h5_copy(split, tmp_path / split.parent.name, shrink=0.98) if density == "h5" else split
+        ds = CrowdDataset(root, 4, 4, density)
+        for i in range(len(ds)):
+            image, target, count = ds[i]
+            points = read_points(ground_truth_file(ds.images[i], ".mat"), *load_image(ds.images[i]).shape[-2:])
+            assert count == len(points), ds.images[i]
+            assert float(target.sum(dtype=torch.float64)) == pytest.approx(count, abs=1e-3), ds.images[i]
+        np.testing.assert_array_equal(ds.counts(), CrowdDataset(split, 4, 4, "adaptive").counts())
+
+
+def test_h5_needs_the_points_too(tiny_crowds, tmp_path):
+    split = _h5_copy(tiny_crowds / "test_data", tmp_path)
+    mat = sorted((split / "ground_truth").glob("*.mat"))[0]
+    mat.unlink()
+    with pytest.raises(ToolkitError, match="no ground truth"):
+        CrowdDataset(split, 4, 4, "h5")
+
+
+def test_a_crop_larger_than_every_image_is_refused(tiny_crowds):
+    assert CrowdDataset(tiny_crowds / "train_data", 4, 4, crop=96).crop == 96  # fits the 96×128 images
+    with pytest.raises(ToolkitError, match="crop 100 is larger than every image .* at most 96 fits one"):
+        CrowdDataset(tiny_crowds / "train_data", 4, 4, crop=100)
 
 
 def test_bad_arguments(tiny_crowds, tmp_path):

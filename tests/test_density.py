@@ -84,6 +84,21 @@ def test_reference_adaptive_interior_heads_are_truncated_gaussians():
     np.testing.assert_allclose(ref, expected, rtol=0, atol=1e-7)
 
 
+def test_reference_adaptive_border_head_is_its_cut_gaussian_renormalised_inside_the_image():
+    # Two heads 10 px apart, one in the corner: each has sigma 0.3 * 10 = 3, so the corner head's 25x25 window
+    # keeps only its 13x13 quarter, scaled up to sum 1; the other head's window lies inside.
+    points = np.array([[0.5, 0.5], [10.5, 0.5]])
+    sigma, radius = 3.0, 12
+    taps = np.arange(-radius, radius + 1)
+    whole = _gaussian_2d(taps, taps, sigma)
+    expected = np.zeros((40, 60))
+    expected[:13, :13] += whole[radius:, radius:] / whole[radius:, radius:].sum()
+    expected[:13, :23] += whole[radius:, 2:] / whole[radius:, 2:].sum()
+    ref = reference_density_map(points, (40, 60), "adaptive")
+    np.testing.assert_allclose(ref, expected, rtol=0, atol=1e-7)
+    assert ref.sum(dtype=np.float64) == pytest.approx(2, abs=1e-6)
+
+
 def test_adaptive_sigmas_hand_cases():
     np.testing.assert_allclose(adaptive_sigmas(np.array([3]), np.array([4]), (40, 60)), [12.5])
     np.testing.assert_allclose(adaptive_sigmas(np.array([0, 3]), np.array([0, 4]), (40, 60)), [1.5, 1.5])
@@ -95,10 +110,30 @@ def test_adaptive_sigmas_hand_cases():
     np.testing.assert_allclose(sig, 0.3 * np.array([8, 8, 8, 16, 82]) / 3)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", POINT_SETS)
-def test_fixed_sums_to_the_number_of_heads(name):
+def test_every_kernel_sums_to_the_number_of_heads(kernel, name):
+    """Heads on the border keep their whole mass inside the image, with either kernel."""
     points = POINT_SETS[name]
-    assert density_map(points, (H, W), "fixed").sum(dtype=np.float64) == pytest.approx(len(points), abs=1e-4)
+    assert density_map(points, (H, W), kernel).sum(dtype=np.float64) == pytest.approx(len(points), abs=1e-4)
+    assert reference_density_map(points, (H, W), kernel).sum(dtype=np.float64) == pytest.approx(len(points), abs=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_kernel_sums_to_the_head_count_on_the_mini_set(shared_dir, kernel):
+    """On every ShanghaiTech-mini image (many heads on the border), full-size and pooled to each model stride."""
+    from datasets.shanghaitech import ground_truth_file, image_size, list_images, read_points
+
+    mini = shared_dir / "data" / "ShanghaiTech-mini"
+    images = [image for split in sorted(mini.glob("part_*/*_data")) for image in list_images(split)]
+    assert len(images) == 19
+    for image in images:
+        h, w = image_size(image)
+        points = read_points(ground_truth_file(image, ".mat"), h, w)
+        density = density_map(points, (h, w), kernel)
+        assert density.sum(dtype=np.float64) == pytest.approx(len(points), abs=1e-3), image
+        for stride in (4, 8):
+            assert downsample(density, stride).sum(dtype=np.float64) == pytest.approx(len(points), abs=1e-3)
 
 
 def test_adaptive_interior_heads_sum_to_the_number_of_heads():

@@ -89,3 +89,51 @@ def test_compare_defenses_model_takes_the_model_names():
     action = next(a for a in parser._actions if a.dest == "model")
     assert tuple(action.choices) == tuple(MODEL_NAMES)
     assert parser.parse_args(["--model", "DA-Net"]).model == "danet"
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("patch_attack", ["--scale", "2", "1"], "argument --scale: MIN must not exceed MAX, got 2.0 1.0"),
+    ("certify", ["--scale", "1.1", "0.9"], "argument --scale: MIN must not exceed MAX"),
+    ("compare_defenses", ["--scale", "2", "1"], "argument --scale: MIN must not exceed MAX"),
+    ("train", ["--workers", "-1"], "argument --workers: must be a non-negative integer, got -1"),
+    ("evaluate", ["--workers", "-1"], "argument --workers: must be a non-negative integer"),
+    ("evaluate", ["--figures", "-2"], "argument --figures: must be a non-negative integer, got -2"),
+    ("certify", ["--figures", "-2"], "argument --figures: must be a non-negative integer"),
+    ("patch_attack", ["--figures", "-2"], "argument --figures: must be a non-negative integer"),
+    ("compare_defenses", ["--ra-warmup-epochs", "-1"], "argument --ra-warmup-epochs: must be a non-negative"),
+])
+def test_values_that_cannot_be_right_are_usage_errors(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        PARSERS[script].parse_args(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_edge_values_are_accepted():
+    assert PARSERS["patch_attack"].parse_args(["--scale", "1", "1"]).scale == [1.0, 1.0]
+    assert PARSERS["train"].parse_args(["--workers", "0"]).workers == 0
+    assert PARSERS["certify"].parse_args(["--figures", "0"]).figures == 0
+
+
+def test_compare_defenses_says_what_an_omitted_schedule_flag_takes():
+    """One value where the synthetic default and other data agree; both, and which is which, where they do not."""
+    import re
+
+    import compare_defenses as script
+
+    for dest in ("adv_epochs", "adv_val_restarts", "ra_epochs", "ra_warmup_epochs"):
+        text = next(a.help for a in PARSERS["compare_defenses"]._actions if a.dest == dest)
+        short, long = script.SHORT[dest], script.LONG[dest]
+        both = re.search(r"omitted: (\d+) on the synthetic default, else (\d+)\)", text)
+        if short == long:
+            assert f"(omitted: {long})" in text and not both, text
+        else:
+            assert both and both.groups() == (str(short), str(long)), text
+
+
+@pytest.mark.parametrize("script", ["train", "MCNN_certify_train", "MCNN_adv_train"])
+def test_training_help_counts_every_model(script):
+    from models import MODEL_NAMES
+
+    text = PARSERS[script].format_help()
+    assert "any of the six" in text and "any of the five" not in text and len(MODEL_NAMES) == 6

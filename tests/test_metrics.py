@@ -2,13 +2,29 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import game, mae, rmse
+from utils.metrics import game, mae, rmse, summarize
 
 
 def test_mae_rmse_match_definitions():
     pred, gt = [10.0, 0.0, 5.0], [7.0, 4.0, 5.0]
     assert mae(pred, gt) == pytest.approx((3 + 4 + 0) / 3)
     assert rmse(pred, gt) == pytest.approx(np.sqrt((9 + 16 + 0) / 3))
+
+
+def test_summary_names_the_root_mean_square_rmse():
+    """What papers call "MSE" is a root mean square: it is written as `rmse`, and no key says `mse`."""
+    summary = summarize([10.0, 0.0, 5.0], [7.0, 4.0, 5.0])
+    assert summary == {"mae": pytest.approx(7 / 3), "rmse": pytest.approx(np.sqrt(25 / 3))}
+
+
+def test_certificate_summary_names_its_root_mean_squares_rmse():
+    from utils.certify import summarize_certificates
+
+    rows = [{"gt": 10.0, "count": 11.0, "L4": 7.0, "U4": 12.0}, {"gt": 20.0, "count": 20.0, "L4": 19.0, "U4": 24.0}]
+    side = summarize_certificates(rows, [4])["patch_sizes"]["4"]
+    assert side["tight_mae"] == pytest.approx((3 + 4) / 2) and side["tight_rmse"] == pytest.approx(np.sqrt(25 / 2))
+    assert side["rmse"] == pytest.approx(np.sqrt(1 / 2))
+    assert not [k for k in side if k.endswith("mse") and not k.endswith("rmse")]
 
 
 def _game_by_regions(pred: np.ndarray, gt: np.ndarray, level: int) -> float:

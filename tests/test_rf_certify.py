@@ -1,10 +1,12 @@
 """Receptive-field certificates are sound: no patch content, placement or optimised attack, and no values written
 into the cells a patch can reach, ever takes the certified counter outside [L, U]."""
+from dataclasses import asdict
+
 import pytest
 import torch
 
 from models import build
-from models.receptive_field import receptive_field
+from models.receptive_field import ReceptiveField, receptive_field
 from utils.attack import APAM, APAMConfig
 from utils.errors import ToolkitError
 from utils.patch import PatchSpec, PatchTransform, random_patch, sweep_centers
@@ -136,3 +138,132 @@ def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
         Calibration.load(tmp_path / "bad.json")
     with pytest.raises(ToolkitError, match="no rf-mask constant for 30 px"):
         RFMaskCertifier(rf, calibration).certify_batch(model, torch.rand(1, 3, 64, 64), [30])
+
+
+# Soundness at the toolkit's defaults: the real patch engine (default rotation and scale, bilinear rim) at the
+# default sides, at many sub-pixel placements, on counters built so that one reached cell more changes the count.
+DEFAULT_SIDES = (20, 40, 44, 81, 163)
+FIELDS = {"mcnn": (72, -34), "smallfield": (33, -16)}  # (side, offset) at stride 4, as receptive_field measures them
+
+
+def _changed_spans(clean: torch.Tensor, attacked: torch.Tensor) -> list[tuple[int, int]]:
+    """Per image, the number of rows and of columns spanned by the output cells that changed."""
+    spans = []
+    for changed in (attacked - clean).abs().sum(1) > 0:
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        spans.append((int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)) if len(rows) else (0, 0))
+    return spans
+
+
+def _attack_everywhere(model, spec: PatchSpec, background: float, patch_value: float, placements: int,
+                       gen: torch.Generator, extra_cells: int = 6) -> tuple:
+    """(rf, window, images, attacked, clean density, attacked density): `placements` pastes of a uniform patch on a
+    uniform background at real-valued centres anywhere in an image wide enough for the window to fit."""
+    rf = receptive_field(model)
+    w = rf.window(RFMaskCertifier.covered_side(spec))
+    side = (w + extra_cells) * rf.stride + spec.extent_side
+    side += -side % model.size_multiple
+    images = torch.full((placements, 3, side, side), background)
+    centers = torch.rand(placements, 2, generator=gen) * side
+    attacked, _ = spec.paste(images, torch.full((3, spec.side, spec.side), patch_value), centers, gen)
+    with torch.no_grad():
+        return rf, w, images, attacked, model(images), model(attacked)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("kind", ["max", "min"])
+def test_adversarial_counters_at_the_default_sides_stay_inside(pool_counter, field, kind):
+    """A max-pooling counter on black with a bright patch, a min-pooling one on white with a dark patch: every cell
+    the patch reaches moves, so the span of moved cells is the patch's reach; it never exceeds the window, and the
+    attacked rf-mask and rf-clip counts stay in their intervals."""
+    gen = torch.Generator().manual_seed(3)
+    model = pool_counter(kind, *FIELDS[field], 4)
+    background, bright = (0.0, 1.0) if kind == "max" else (1.0, 0.0)
+    for size in DEFAULT_SIDES:
+        spec = PatchSpec(size)
+        rf, w, images, attacked, clean, density = _attack_everywhere(model, spec, background, bright, 96, gen)
+        assert rf == ReceptiveField(FIELDS[field][0], 4, FIELDS[field][1])
+        spans = _changed_spans(clean, density)
+        assert max(max(s) for s in spans) <= w, (size, w, max(spans))
+        assert max(max(s) for s in spans) >= w - 1, (size, w)  # the bound is nearly reached: the test can see it
+        side = RFMaskCertifier.covered_side(spec)
+        calibration = Calibration(1.0, {side: 0.5})
+        for certifier in (RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration)):
+            _inside(certifier, model, images[:1], attacked, side)
+
+
+def test_the_x8_period_of_an_upsampling_counter_is_covered(pool_counter):
+    """Each cell repeated 8 times (CSRNet's upsampling, stride 1): the field covers all 8 phases."""
+    gen = torch.Generator().manual_seed(4)
+    model = pool_counter("max", 72, -34, 1, upsample=8)
+    assert receptive_field(model) == ReceptiveField(72 + 7, 1, -34 - 7)
+    for size in (20, 40):
+        rf, w, images, attacked, clean, density = _attack_everywhere(model, PatchSpec(size), 0.0, 1.0, 48, gen, 16)
+        assert max(max(s) for s in _changed_spans(clean, density)) <= w, size
+        side = RFMaskCertifier.covered_side(PatchSpec(size))
+        _inside(RFMaskCertifier(rf, Calibration(1.0, {side: 0.0})), model, images[:1], attacked, side)
+
+
+@pytest.mark.parametrize("name", ["mcnn", "smallfield"])
+def test_real_models_at_the_default_sides_stay_inside(name, shared_dir):
+    """MCNN with its real Part A weights and SmallField (random, seed 1): random patches on random images."""
+    gen = torch.Generator().manual_seed(5)
+    weights = shared_dir / "weights" / "mcnn_shtechA_660.h5" if name == "mcnn" else None
+    model = build(name, weights, seed=1).eval()
+    rf = receptive_field(model)
+    for size in (40, 81):
+        spec = PatchSpec(size)
+        side = RFMaskCertifier.covered_side(spec)
+        w = rf.window(side)
+        n = (w + 2) * 4
+        images = torch.rand(2, 3, n, n, generator=gen)
+        centers = torch.rand(12, 2, generator=gen) * n
+        batch = images.repeat(6, 1, 1, 1)
+        attacked, _ = spec.paste(batch, random_patch(size, gen), centers, gen)
+        with torch.no_grad():
+            spans = _changed_spans(model(batch), model(attacked))
+        assert max(max(s) for s in spans) <= w, (name, size)
+        for certifier in _certifiers(model, images, [side]):
+            _inside(certifier, model, images, attacked, side)
+
+
+def test_intervals_hold_for_an_image_counted_in_any_batch(shared_dir):
+    """The same image certified alone and counted (attacked) inside a batch of 48: float rounding differs with the
+    batch, and the intervals' tolerance absorbs it."""
+    from utils.rf_certify import FLOAT_TOLERANCE
+
+    gen = torch.Generator().manual_seed(6)
+    model = build("mcnn", shared_dir / "weights" / "mcnn_shtechA_660.h5").eval()
+    spec = PatchSpec(40)
+    side = RFMaskCertifier.covered_side(spec)
+    images = torch.rand(48, 3, 128, 160, generator=gen)
+    for certifier in _certifiers(model, images[:1], [side]):
+        alone = certifier.certify_batch(model, images[:1], [side])[0]
+        in_batch = certifier.certify_batch(model, images, [side])[0]
+        count = alone.get(f"count{side}", alone.get("count"))
+        moved = abs(count - in_batch.get(f"count{side}", in_batch.get("count")))
+        assert moved <= FLOAT_TOLERANCE * (count + 1) / 100, moved  # rounding: far below the tolerance
+        attacked, _ = spec.paste(images.clone(), random_patch(40, gen), sweep_centers(128, 160, 40, 1).expand(48, 2),
+                                 gen)
+        counted = certifier.counts(model, attacked, side)[0]
+        assert alone[f"L{side}"] <= counted <= alone[f"U{side}"], certifier.method
+        assert alone[f"L{side}"] < count - FLOAT_TOLERANCE * count / 2  # widened, by about the tolerance
+
+
+def test_certifiers_refuse_a_model_in_training_mode():
+    model = build("smallfield", seed=0).train()
+    rf = receptive_field(model)
+    with pytest.raises(ToolkitError, match="training mode"):
+        RFMaskCertifier(rf, Calibration(1.0, {20: 0.0})).certify_batch(model, torch.rand(2, 3, 64, 64), [20])
+    with pytest.raises(ToolkitError, match="training mode"):
+        RFClipCertifier(rf, Calibration(1.0, {})).counts(model, torch.rand(2, 3, 64, 64), 20)
+
+
+def test_a_calibration_for_another_field_is_refused(tmp_path):
+    from utils.rf_certify import load_calibration
+
+    mcnn, small = ReceptiveField(72, 4, -34), ReceptiveField(33, 4, -16)
+    path = Calibration(1.0, {20: 0.0}, receptive_field=asdict(mcnn)).save(tmp_path / "calibration.json")
+    assert load_calibration(path, mcnn).dmax == 1.0
+    with pytest.raises(ToolkitError, match="was measured for the receptive field"):
+        load_calibration(path, small)

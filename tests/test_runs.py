@@ -4,6 +4,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,11 @@ import MCNN_adv_train
 import MCNN_certify_train
 import patch_attack
 import train
-from utils import runs
+from utils import cli, runs
 from utils.errors import ToolkitError
 from utils.runtime import pick_device
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _files(root: Path) -> dict[Path, bytes]:
@@ -55,7 +61,10 @@ def test_an_existing_run_is_refused_and_overwrite_starts_it_again(tmp_path, caps
     (out / "best.pt").write_bytes(b"weights")
     files = _files(out)
     with pytest.raises(ToolkitError, match="already holds a run: --resume continues it, --overwrite starts it again"):
-        runs.start(argparse.Namespace(out=out, seed=1), "train")
+        runs.start(argparse.Namespace(out=out, seed=1, resume=False), "train")
+    with pytest.raises(ToolkitError, match="already holds a run: --overwrite starts it again") as refused:
+        runs.start(argparse.Namespace(out=out, seed=1), "evaluate")  # a script without --resume is not offered it
+    assert "--resume" not in str(refused.value)
     assert _files(out) == files
     runs.start(argparse.Namespace(out=out, seed=1, overwrite=True), "train")
     assert "--overwrite: deleting the earlier run in" in capsys.readouterr().out
@@ -83,14 +92,65 @@ def test_default_folders_never_collide(tmp_path):
     assert (first / "args.json").is_file() and (second / "args.json").is_file()
 
 
-def test_an_unstarted_run_is_discarded_with_the_folders_made_for_it(tmp_path):
+def test_a_failed_run_is_discarded_with_the_folders_made_for_it(tmp_path):
     runs.start(argparse.Namespace(out=tmp_path / "new" / "deep" / "run"), "train")
-    assert runs.discard_unstarted()
+    assert runs.discard_failed()
     assert not (tmp_path / "new").exists()
-    runs.start(argparse.Namespace(out=tmp_path / "done"), "train")
-    (tmp_path / "done" / "last.pt").write_bytes(b"work")
-    assert not runs.discard_unstarted()  # it did work: kept
-    assert (tmp_path / "done" / "last.pt").is_file()
+    # results written before the failure (calibration.json, figures/...) go too: a run is complete or absent
+    runs.start(argparse.Namespace(out=tmp_path / "certify"), "certify")
+    (tmp_path / "certify" / "calibration.json").write_text("{}")
+    (tmp_path / "certify" / "figures").mkdir()
+    (tmp_path / "certify" / "figures" / "a.png").write_bytes(b"png")
+    assert runs.discard_failed() and not (tmp_path / "certify").exists()
+    # a folder that existed (empty, or an earlier run deleted by --overwrite) is emptied, not removed
+    (tmp_path / "mine").mkdir()
+    runs.start(argparse.Namespace(out=tmp_path / "mine"), "evaluate")
+    (tmp_path / "mine" / "per_image.csv").write_text("x")
+    assert runs.discard_failed() and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    # kept: a run holding a checkpoint to resume (also in a subfolder, as compare_defenses trains), a resumed run
+    for sub in ("", "adv"):
+        runs.start(argparse.Namespace(out=tmp_path / f"done{sub}"), "train")
+        (tmp_path / f"done{sub}" / sub).mkdir(exist_ok=True)
+        (tmp_path / f"done{sub}" / sub / "last.pt").write_bytes(b"work")
+        assert not runs.discard_failed()
+        assert (tmp_path / f"done{sub}" / sub / "last.pt").is_file()
+    (tmp_path / "done" / "last.pt").unlink()  # a resumed run whose last.pt is gone still keeps its earlier files
+    runs.start(argparse.Namespace(out=tmp_path / "done", resume=True), "train")
+    assert not runs.discard_failed() and (tmp_path / "done" / "args.json").is_file()
+
+
+def test_check_out_refuses_what_start_refuses_and_creates_nothing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    runs.start(argparse.Namespace(out=tmp_path / "earlier", resume=False), "train")
+    before = _tree(tmp_path)
+    for args, message in (
+            (argparse.Namespace(out=tmp_path / "afile"), "is a file, not a folder"),
+            (argparse.Namespace(out=tmp_path / "afile" / "run"), f"{tmp_path / 'afile'} is a file"),
+            (argparse.Namespace(out=tmp_path / "notes"), "not empty and holds no run"),
+            (argparse.Namespace(out=tmp_path / "earlier", resume=False),
+             "already holds a run: --resume continues it, --overwrite starts it again"),
+            (argparse.Namespace(out=tmp_path / "earlier"), "already holds a run: --overwrite starts it again"),
+            (argparse.Namespace(out=tmp_path / "notes", resume=True), "holds no args.json")):
+        with pytest.raises(ToolkitError, match=message):
+            runs.check_out(args, "train")
+    for good in (argparse.Namespace(out=tmp_path / "new" / "run"), argparse.Namespace(out=None),
+                 argparse.Namespace(out=tmp_path / "earlier", overwrite=True)):
+        runs.check_out(good, "train")
+    assert _tree(tmp_path) == before  # checked, not claimed: nothing created, nothing deleted
+
+
+def test_check_out_refuses_an_unwritable_parent(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root may write anywhere: stand in for a folder it may not write to (a read-only mount)
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    with pytest.raises(ToolkitError, match="locked is not writable"):
+        runs.check_out(argparse.Namespace(out=tmp_path / "locked" / "a" / "run"), "train")
+    with pytest.raises(ToolkitError, match="locked is not writable"):
+        runs.claim_file(tmp_path / "locked" / "x.png", (".png",))
 
 
 def test_claim_file(tmp_path):
@@ -133,7 +193,11 @@ def test_no_script_runs_over_an_existing_run(tiny_crowds, tiny_mcnn, tmp_path, c
     for script, argv in _script_argv(tiny_crowds, tiny_mcnn).items():
         code, lines = cli_error(script, [*argv, "--out", str(earlier)])
         assert code == 2 and len(lines) == 1, (script.__name__, lines)
-        assert "already holds a run: --resume continues it, --overwrite starts it again" in lines[0], lines
+        # a message names only flags the script has: --resume in the training scripts alone
+        resumable = any("--resume" in a.option_strings for a in script.get_args_parser()._actions)
+        offer = "--resume continues it, --overwrite starts it again" if resumable else "--overwrite starts it again"
+        assert f"already holds a run: {offer}" in lines[0], lines
+        assert ("--resume" in lines[0]) == resumable, lines
         assert _files(earlier) == files, script.__name__  # every file byte-identical
 
 
@@ -179,7 +243,109 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_folder(tiny_crowds, tiny_mcn
         assert _tree(tmp_path) == before, (script.__name__, argv, _tree(tmp_path) - before)
 
 
-def test_args_json_holds_the_resolved_patch_side_and_device(tiny_crowds, tiny_mcnn, tmp_path):
+def test_out_is_checked_before_any_long_work(tmp_path, monkeypatch, cli_error):
+    """With no data, the scripts would render the synthetic crowds and train a victim (minutes): a bad --out is
+    refused first."""
+    (tmp_path / "afile").write_text("x")
+
+    def long_work(*args, **kwargs):
+        raise AssertionError("long work started before --out was checked")
+
+    monkeypatch.setattr(cli, "synthetic_splits", long_work)
+    for script in (evaluate, patch_attack, MCNN_adv_train, compare_defenses):
+        monkeypatch.setattr(script, "synthetic_victim", long_work)
+    before = _tree(tmp_path)
+    for script in (train, MCNN_certify_train, MCNN_adv_train, evaluate, patch_attack, compare_defenses):
+        code, lines = cli_error(script, ["--out", str(tmp_path / "afile"), "--device", "cpu"])
+        assert code == 2 and lines == [f"{script.__name__}.py: error: --out {tmp_path / 'afile'} is a file, not a "
+                                       "folder"], (script.__name__, lines)
+    assert _tree(tmp_path) == before
+
+
+def test_make_dataset_checks_every_ground_truth_before_writing(tiny_crowds, tmp_path, cli_error):
+    import make_dataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_crowds, copy)
+    last = sorted((copy / "test_data" / "ground_truth").glob("*.mat"))[-1]
+    last.unlink()
+    before = _tree(tmp_path)
+    code, lines = cli_error(make_dataset, ["densities", str(copy)])
+    assert code == 2 and len(lines) == 1 and "no ground truth for" in lines[0], lines
+    assert _tree(tmp_path) == before  # not one density written for the images before it
+
+
+def test_certify_checks_out_before_calibrating(tiny_crowds, tiny_mcnn, tmp_path, monkeypatch, cli_error):
+    """The calibration takes 22 minutes on Part A's train split: a bad --out fails in under a second, first."""
+    import utils.rf_certify
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("the calibration ran before --out was checked")
+
+    monkeypatch.setattr(certify, "calibrate", calibrate, raising=False)
+    monkeypatch.setattr(utils.rf_certify, "calibrate", calibrate)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    earlier = runs.start(argparse.Namespace(out=tmp_path / "earlier"), "certify")
+    before = _tree(tmp_path)
+    for out, message in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "notes", "holds no run"),
+                         (earlier, "already holds a run: --overwrite starts it again")):
+        start = time.perf_counter()
+        code, lines = cli_error(certify, ["--method", "rf-clip", "--weights", str(tiny_mcnn), "--data",
+                                          str(tiny_crowds / "test_data"), "--calibrate",
+                                          str(tiny_crowds / "train_data"), "--patch-sizes", "4", "--out", str(out),
+                                          "--device", "cpu"])
+        assert time.perf_counter() - start < 1
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert _tree(tmp_path) == before
+
+
+def test_every_json_a_script_writes_is_strict(tiny_crowds, tiny_mcnn, tmp_path, strict_json):
+    """Numbers that do not exist are null: the smoothed MAE of a run still in its clean warm-up, the tight-MAE of a
+    side where nothing is certified."""
+    argv = _script_argv(tiny_crowds, tiny_mcnn)
+    warmup = [a if a != "0" else "1" for a in argv[MCNN_certify_train]]  # --epochs 1 --warmup-epochs 1
+    for script, args in ((train, argv[train]), (MCNN_certify_train, warmup), (evaluate, argv[evaluate]),
+                         (certify, argv[certify])):
+        script.main(script.get_args_parser().parse_args([*args, "--out", str(tmp_path / script.__name__)]))
+    found = strict_json(tmp_path)
+    assert {p.relative_to(tmp_path).parts[0] for p in found} == {"train", "MCNN_certify_train", "evaluate", "certify"}
+    ra = found[tmp_path / "MCNN_certify_train" / "metrics.json"]
+    assert ra["mae"] is None and ra["mae_over_baseline"] is None and ra["clean_mae"] >= 0
+    side = found[tmp_path / "certify" / "metrics.json"]["patch_sizes"]["4"]
+    assert side["certified_fraction"] == 0 and side["tight_mae"] is None
+
+
+def _terminate_when(argv: list[str], ready, limit: float = 120) -> subprocess.CompletedProcess:
+    """Run a script, send it SIGTERM (what `timeout` and schedulers send) once `ready()`; its exit status and
+    stderr."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + limit
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"{argv[0]} ended before the signal: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, None, err)
+
+
+@pytest.mark.parametrize("script", ["patch_attack", "certify"])
+def test_sigterm_leaves_no_folder(tiny_crowds, tiny_mcnn, tmp_path, script):
+    out = tmp_path / "runs" / script
+    argv = {"patch_attack": ["--data", str(tiny_crowds), "--weights", str(tiny_mcnn), "--epochs", "100000",
+                             "--patch-size", "16", "--figures", "0"],
+            "certify": ["--weights", str(tiny_mcnn), "--data", str(tiny_crowds / "test_data"), "--samples",
+                        "10000000", "--patch-sizes", "4"]}[script]
+    done = _terminate_when([f"{script}.py", *argv, "--device", "cpu", "--out", str(out)],
+                           lambda: (out / "args.json").is_file())
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"{script}.py: terminated (SIGTERM); nothing was written"
+    assert not (tmp_path / "runs").exists()  # the run folder and the parent made for it
+
+
+def test_args_json_holds_the_resolved_patch_side_and_device(tiny_crowds, tiny_mcnn, tmp_path, strict_json):
     out = tmp_path / "attack"
     patch_attack.main(patch_attack.get_args_parser().parse_args([
         "--data", str(tiny_crowds), "--weights", str(tiny_mcnn), "--epochs", "1", "--max-test-images", "1",
@@ -191,3 +357,4 @@ def test_args_json_holds_the_resolved_patch_side_and_device(tiny_crowds, tiny_mc
     assert record["train_data"] == str(tiny_crowds / "train_data")
     assert record["test_data"] == str(tiny_crowds / "test_data")
     assert json.loads((out / "metrics.json").read_text())["patch"]["size"] == 44
+    assert set(strict_json(out)) == {out / "args.json", out / "metrics.json"}

@@ -17,11 +17,12 @@ def _run(folder, method: str, sides: dict, counter=None):
 def test_points_per_side_and_the_figure(tmp_path):
     mask = _run(tmp_path / "mask", "rf-mask", {"20": {"mae": 30.0, "tight_mae": 40.0},
                                                "40": {"mae": 31.0, "tight_mae": 45.0}})
-    clip = _run(tmp_path / "clip", "rf-clip", {"20": {"tight_mae": 90.0}, "40": {"tight_mae": float("nan")}},
+    clip = _run(tmp_path / "clip", "rf-clip", {"20": {"tight_mae": 90.0}, "40": {"tight_mae": float("nan")},
+                                               "81": {"tight_mae": None}},  # null: how save_json writes NaN
                 counter={"mae": 19.0})
     assert tradeoff.run_points(mask, None) == ("mask (mcnn, rf-mask)", {20: (30.0, 40.0), 40: (31.0, 45.0)})
     assert tradeoff.run_points(mask, [40]) == ("mask (mcnn, rf-mask)", {40: (31.0, 45.0)})
-    assert tradeoff.run_points(clip, None)[1] == {20: (19.0, 90.0)}  # nothing certified at 40: no point
+    assert tradeoff.run_points(clip, None)[1] == {20: (19.0, 90.0)}  # nothing certified at 40, 81: no point
     out = tradeoff.main(tradeoff.get_args_parser().parse_args([str(mask), str(clip), "--out",
                                                               str(tmp_path / "t.png")]))
     assert Image.open(out).size[0] > 300

@@ -36,6 +36,25 @@ def test_short_run_writes_the_run_folder(tiny_crowds, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["mae"] == pytest.approx(summary["mae"])
 
 
+def test_metrics_describe_the_checkpoint_of_per_image_csv_and_args_record_what_ran(tiny_crowds, tmp_path):
+    summary = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "3")))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    log = _log(tmp_path)
+    best = min(log, key=lambda r: float(r["mae"]))
+    assert saved["checkpoint"] == "best.pt" and saved["best_epoch"] == int(best["epoch"])
+    assert saved["best_epoch"] == load_checkpoint(tmp_path / "best.pt")["epoch"] + 1
+    # the top-level figures are best.pt's, and so is per_image.csv; the last epoch's are under "last"
+    rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
+    per_image_mae = sum(abs(float(r["pred"]) - float(r["gt"])) for r in rows) / len(rows)
+    assert saved["mae"] == pytest.approx(float(best["mae"])) == pytest.approx(per_image_mae, rel=1e-5)
+    assert saved["rmse"] == pytest.approx(float(best["rmse"])) and "mse" not in saved
+    assert saved["last"]["epoch"] == 3 and saved["last"]["mae"] == pytest.approx(float(log[-1]["mae"]))
+    assert saved["mae_over_baseline"] == pytest.approx(saved["mae"] / saved["baseline_mae"])
+    assert summary["mae"] == saved["mae"]
+    record = json.loads((tmp_path / "args.json").read_text())
+    assert record["device"] == "cpu" and record["amp"] is False and record["dtype"] == "float32"  # no autocast
+
+
 def _weights(out: Path) -> dict:
     return load_checkpoint(out / "last.pt")["state_dict"]
 
@@ -67,6 +86,24 @@ def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_
     resumed_weights, whole_weights = _weights(killed), _weights(whole)
     assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
     assert _log(killed) == _log(whole)
+
+
+def test_sigterm_keeps_last_pt_and_says_how_to_resume(tiny_crowds, tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) is handled as Ctrl-C: the run keeps its checkpoint and says how
+    to continue; exit status 143."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *_argv(tiny_crowds, out, "--epochs", "100000")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (f"train.py: terminated (SIGTERM); continue with: python train.py --out "
+                                            f"{out} --resume")
+    assert load_checkpoint(out / "last.pt")["epoch"] >= 0 and (out / "args.json").is_file()
 
 
 def test_interrupted_run_says_how_to_resume_and_resumes_exactly(tiny_crowds, tmp_path, monkeypatch, capsys):
@@ -122,10 +159,13 @@ def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
         (["--model", "vgg", "--data", str(tiny_crowds)], "argument --model: invalid choice: 'vgg'"),
         (["--epochs", "0"], "--epochs: must be a positive integer"),
         (["--crop", "-8"], "--crop: must be a positive integer"),
+        (_argv(tiny_crowds, tmp_path / "d", "--crop", "256"), "crop 256 is larger than every image of"),
+        (_argv(tiny_crowds, tmp_path / "e", "--workers", "-1"), "--workers: must be a non-negative integer"),
     ]
     for argv, message in cases:
         code, lines = cli_error(train, argv)
         assert code != 0 and len(lines) == 1 and message in lines[0], (argv, lines)
+    assert not (tmp_path / "d").exists()  # refused before the run folder is claimed
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ def test_no_best_checkpoint_when_no_epoch_is_eligible(tiny_crowds, tmp_path, cap
     summary = fit(model, CrowdDataset.for_model(tiny_crowds / "train_data", model, crop=64),
                   CrowdDataset.for_model(tiny_crowds / "test_data", model, max_images=2), tmp_path, epochs=1,
                   batch_size=2, lr=1e-4, device=torch.device("cpu"), recipe=_NeverEligible())
-    assert summary["best"] is None and (tmp_path / "last.pt").is_file() and not (tmp_path / "best.pt").exists()
+    assert summary["best_epoch"] is None and summary["checkpoint"] == "last.pt"
+    assert (tmp_path / "last.pt").is_file() and not (tmp_path / "best.pt").exists()
     assert "no epoch was eligible for best.pt" in caplog.text
 
 

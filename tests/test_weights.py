@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import build, checkpoint_state, load_weights
-from models.weights import load_state
+from models import DISPLAY_NAMES, MODEL_NAMES, build, checkpoint_state, load_weights
+from models.weights import WrongModel, load_state
 from utils.errors import ToolkitError
 
 MCNN_FILES = {"mcnn_shtechA_count": "mcnn_shtechA_660.h5", "mcnn_shtechB_count": "mcnn_shtechB_110.h5"}
@@ -68,18 +68,57 @@ def test_checkpoint_records_a_level_width_set_after_build():
 
 def test_another_models_checkpoint_is_named(tmp_path):
     torch.save(checkpoint_state(build("mcnn")), tmp_path / "best.pt")
-    with pytest.raises(ToolkitError, match="is a mcnn checkpoint, not cmtl"):
+    with pytest.raises(WrongModel, match="is a mcnn checkpoint, not cmtl: use --model mcnn"):
         build("cmtl", weights=tmp_path / "best.pt")
 
 
-def test_wrong_model_file_lists_missing_and_unexpected(shared_dir):
+def test_real_mcnn_file_given_as_another_model_names_mcnn(shared_dir):
     path = shared_dir / "weights" / "mcnn_shtechA_660.h5"
+    for name, shown in (("csrnet", "CSRNet"), ("cmtl", "CMTL")):
+        with pytest.raises(WrongModel) as err:
+            build(name, weights=path)
+        assert str(err.value) == f"{path} holds MCNN weights, not {shown}'s: use --model mcnn"
+        assert err.value.holds == "mcnn"
+
+
+@pytest.fixture(scope="module")
+def every_model_file(tmp_path_factory):
+    """A plain state-dict file of each registry model (random weights), as its original release names them."""
+    folder = tmp_path_factory.mktemp("every_model")
+    files = {}
+    for name in MODEL_NAMES:
+        state = build(name, seed=0).net.state_dict()
+        if name == "danet":  # DA-Net's release names the network `fine`
+            state = {"fine." + k.removeprefix("DA_Net."): v for k, v in state.items()}
+        if name == "csrnet":  # CSRNet's release: under state_dict, with DataParallel's prefix
+            state = {"state_dict": {"module." + k: v for k, v in state.items()}}
+        torch.save(state, folder / f"{name}.pth")
+        files[name] = folder / f"{name}.pth"
+    return files
+
+
+def test_every_architecture_is_recognised_in_one_short_line(every_model_file):
+    for i, (holds, path) in enumerate(every_model_file.items()):
+        asked = MODEL_NAMES[(i + 1) % len(MODEL_NAMES)]
+        with pytest.raises(WrongModel) as err:
+            build(asked, weights=path)
+        assert str(err.value) == (f"{path} holds {DISPLAY_NAMES[holds]} weights, not {DISPLAY_NAMES[asked]}'s: "
+                                  f"use --model {holds}")
+        assert build(holds, weights=path).name == holds  # and it loads as what it holds
+
+
+def test_a_file_of_no_known_model_lists_a_few_names(tmp_path):
+    state = build("csrnet").net.state_dict()
+    state = {**{k: v for k, v in state.items() if not k.startswith("backend.")},
+             **{f"extra.{i}.weight": torch.zeros(2) for i in range(10)}}
+    torch.save(state, tmp_path / "odd.pth")
     with pytest.raises(ToolkitError) as err:
-        build("cmtl", weights=path)
+        build("csrnet", weights=tmp_path / "odd.pth")
     msg = str(err.value)
-    assert "\n" not in msg and msg.startswith(f"{path} does not fit cmtl: missing CCN.")
-    assert "unexpected DME.branch1.0.conv.bias (16)" in msg
-    assert "… and 48 more" in msg and "… and 18 more" in msg  # 56 missing, 26 unexpected, 8 shown each
+    assert not isinstance(err.value, WrongModel)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'odd.pth'} does not fit csrnet: missing backend.")
+    assert "… and 9 more" in msg and "unexpected extra.0.weight (2)" in msg and "… and 7 more" in msg
+    assert len(msg) < 400, len(msg)
 
 
 def test_wrong_shape_is_reported(tmp_path):
@@ -111,10 +150,35 @@ def test_truncated_real_file(shared_dir, tmp_path):
         build("mcnn", weights=tmp_path / "cut.h5")
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    torch.save({"state_dict": build("mcnn").net.state_dict(), "args": object()}, tmp_path / "unsafe.pth")
-    with pytest.raises(ToolkitError, match="cannot read"):
-        build("mcnn", weights=tmp_path / "unsafe.pth")
+class Payload:
+    """Stands for a pickled object (e.g. a whole `nn.Module` saved with torch.save)."""
+
+
+def test_pickled_objects_are_refused_without_advising_unsafe_loading(tmp_path, recwarn):
+    path = tmp_path / "unsafe.pth"
+    torch.save({"state_dict": build("mcnn").net.state_dict(), "args": Payload()}, path)
+    with pytest.raises(ToolkitError) as err:
+        build("mcnn", weights=path)
+    msg = str(err.value)
+    assert msg == (f"{path} holds pickled Python objects (test_weights.Payload), which are never unpickled (that can "
+                   "run arbitrary code); save a plain state dict")
+    assert "weights_only" not in msg and "\n" not in msg
+    assert not [w for w in recwarn if "weights_only" in str(w.message) or "torch" in w.filename]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_an_error_naming_the_file(tmp_path, bad):
+    state = build("mcnn").net.state_dict()
+    state["DME.branch2.0.conv.weight"][0, 0, 0, 0] = bad
+    save_h5(tmp_path / "diverged.h5", state)
+    with pytest.raises(ToolkitError, match=r"diverged.h5 holds non-finite weights \(NaN or Inf\) in "
+                                           r"DME.branch2.0.conv.weight:"):
+        build("mcnn", weights=tmp_path / "diverged.h5")
+    ckpt = checkpoint_state(build("mcnn")) | {"epoch": 0}  # own checkpoints too (a run that diverged)
+    ckpt["state_dict"]["DME.fuse.0.conv.bias"].fill_(bad)
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ToolkitError, match="last.pt holds non-finite weights"):
+        build("mcnn", weights=tmp_path / "last.pt")
 
 
 def test_danet_fine_prefix_hdf5_and_cmtl_training_buffer(tmp_path):

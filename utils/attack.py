@@ -216,11 +216,18 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
 
 
 def patch_metrics(rows: list[dict]) -> dict:
-    """MAE / RMSE of the clean, attacked and control counts, and the mean count shifts."""
-    gt = [r["gt"] for r in rows]
+    """MAE / RMSE of the clean, attacked and control counts; the clean counts' mean signed error (`bias`: negative
+    for a model that undercounts); the mean count shifts against the clean counts (`mean_shift`); and the
+    attacked counts' mean shift against the control's, the noise patch of the same size and placement
+    (`shift_vs_control`: what the patch's content does, beyond covering the pixels). The shifts show a push
+    that an MAE ratio can hide: pushing up the counts of a model that undercounts first lowers its MAE."""
+    n, gt = len(rows), [r["gt"] for r in rows]
     out = {label: summarize([r[label] for r in rows], gt) for label in ("clean", "attacked", "control")}
+    out["clean"]["bias"] = sum(r["clean"] - r["gt"] for r in rows) / n
     for label in ("attacked", "control"):
-        out[label]["mean_shift"] = sum(r[label] - r["clean"] for r in rows) / len(rows)
+        out[label]["mean_shift"] = sum(r[label] - r["clean"] for r in rows) / n
+    out["attacked"]["shift_vs_control"] = sum(r["attacked"] - r["control"] for r in rows) / n
+    out["mean_gt"] = sum(gt) / n
     return out
 
 

@@ -11,12 +11,14 @@ import math
 import numpy as np
 import torch
 from scipy.stats import binom
+from torch import nn
 
 from datasets.crowd import EqualSizeBatches
 from utils import distributed
 from utils.ablation import AblationSpec
 from utils.errors import ToolkitError
 from utils.metrics import summarize
+from utils.patch import PatchSpec
 from utils.runtime import autocast, derived_seed, progress
 
 
@@ -85,17 +87,32 @@ def certified_interval(samples: np.ndarray, delta_: float, alpha: float) -> tupl
     return float(ys[idx[0] - 1]), float(ys[idx[1] - 1])
 
 
+def require_eval(model) -> None:
+    """A certificate holds for a model whose every image is counted alone: not for one in training mode, where batch
+    norm mixes the images of a batch (and dropout draws)."""
+    if isinstance(model, nn.Module) and any(m.training for m in model.modules()):
+        raise ToolkitError(f"{getattr(model, 'name', type(model).__name__)} is in training mode: certificates hold "
+                           "for a model in eval mode only (batch norm would mix the images of a batch); call .eval()")
+
+
 class Certifier:
     """A certified counter: per image its count and, for each patch side s asked, an interval [L, U] that holds the
     count under any patch within an s×s square placed anywhere (a counter per side where `count_per_side`).
 
     `certify_batch(model, images, sides)` returns one row per image: `count` (or `count{s}`), `L{s}`, `U{s}`
-    (NaN where the image is not certified) and whatever else the method reports.
+    (NaN where the image is not certified) and whatever else the method reports. `side_measure` says which side of a
+    `PatchSpec` a certificate against the toolkit's patch must cover (`covered_side`).
     """
 
     method = ""
     count_per_side = False
     batched = True  # whole images of one size are certified together
+    side_measure = "footprint"  # the side of a square with as many pixels as the patch can change (units counted)
+
+    @classmethod
+    def covered_side(cls, spec: PatchSpec) -> int:
+        """The side s to certify so that the certificate holds for every paste of `spec`'s patch."""
+        return spec.footprint_side if cls.side_measure == "footprint" else spec.extent_side
 
     def certify_batch(self, model, images: torch.Tensor, sides: list[int]) -> list[dict]:
         raise NotImplementedError
@@ -120,6 +137,7 @@ class Certifier:
     def counts(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         """The certified counter's count of each image (the counter for patches of `side`, where that matters): what
         its certificate bounds, e.g. on an attacked image."""
+        require_eval(model)
         rows = self.certify_batch(model, images, [side])
         return torch.tensor([r.get(f"count{side}", r.get("count")) for r in rows], dtype=torch.float64)
 
@@ -175,6 +193,7 @@ def certify_split(certifier: Certifier, model, dataset, sides: list[int], device
     """Per image of `dataset` the certified counter's count and [L, U] per side; plus the summary (`summarize`).
     Under torchrun each rank certifies its share of the images and every rank gets all the rows."""
     device = device or torch.device("cpu")
+    require_eval(model)
     rows = []
     batches = EqualSizeBatches(dataset, batch_size if certifier.batched else 1, shard=True)
     for index, (images, _, gt) in progress(batches, certifier.method):
@@ -188,6 +207,44 @@ def certify_split(certifier: Certifier, model, dataset, sides: list[int], device
     return rows, {**certifier.settings(), **summarize_certificates(rows, sides)}
 
 
+def certify_patches(certifier: Certifier, model, dataset, specs: dict[int, PatchSpec],
+                    device: torch.device | None = None, amp: bool = True, batch_size: int = 4
+                    ) -> tuple[list[dict], dict]:
+    """`certify_split` against the toolkit's patches `specs` (nominal side: spec), each certified at the side its
+    certifier must cover (`Certifier.covered_side`); rows and per-side metrics keyed by the nominal side, the metrics
+    recording the side certified, which measure it is and both measures."""
+    cover = {s: certifier.covered_side(spec) for s, spec in specs.items()}
+    rows, metrics = certify_split(certifier, model, dataset, sorted(set(cover.values())), device, amp, batch_size)
+    metrics["patch_sizes"] = {
+        str(s): {"certified_side": c, "side_measure": certifier.side_measure, "extent_side": specs[s].extent_side,
+                 "footprint_side": specs[s].footprint_side, **metrics["patch_sizes"][str(c)]}
+        for s, c in cover.items()}
+    per_side = ("count", "L", "U", "hide", "add")
+    rows = [{**{k: v for k, v in row.items() if k in ("index", "image", "gt", "count")},
+             **{f"{key}{s}": row[f"{key}{c}"] for s, c in cover.items() for key in per_side if f"{key}{c}" in row}}
+            for row in rows]
+    sizes = dataset.sizes()
+    for row in rows:  # the floor of the nominal square: no counter can do better than lose the heads it covers
+        points = dataset.head_points(row["index"])
+        row.update({f"floor{s}": most_heads_in_square(points, sizes[row["index"]], s) for s in specs})
+    for s in specs:
+        metrics["patch_sizes"][str(s)]["floor"] = float(np.mean([r[f"floor{s}"] for r in rows]))
+    return rows, metrics
+
+
+def most_heads_in_square(points: np.ndarray, shape: tuple[int, int], side: int) -> int:
+    """The most head points (N, 2) as (x, y) inside any axis-aligned side×side square of pixels of an image of
+    `shape`: the floor of any certified counter's worst error there, since a patch can cover them (a box filter over
+    the map of heads per pixel, from its integral image)."""
+    h, w = shape
+    cols, rows = (np.clip(points[:, k].astype(np.int64), 0, n - 1) for k, n in ((0, w), (1, h)))
+    heads = np.zeros((h + 1, w + 1))
+    np.add.at(heads, (rows + 1, cols + 1), 1)
+    c = heads.cumsum(0).cumsum(1)
+    kh, kw = min(side, h), min(side, w)
+    return int(round((c[kh:, kw:] - c[:-kh, kw:] - c[kh:, :-kw] + c[:-kh, :-kw]).max()))
+
+
 def counts_for(rows: list[dict], side: int) -> list[float]:
     """The certified counter's count of each row for patches of `side` (its own counter, where it has one)."""
     return [r.get(f"count{side}", r.get("count")) for r in rows]
@@ -195,7 +252,7 @@ def counts_for(rows: list[dict], side: int) -> list[float]:
 
 def summarize_certificates(rows: list[dict], sides: list[int]) -> dict:
     """`counter`: clean MAE / RMSE of the certified counter (None where each side has its own); per side its
-    counter's clean `mae` / `mse`, `certified_fraction`, `tight_mae` / `tight_mse` (the mean / root mean square
+    counter's clean `mae` / `rmse`, `certified_fraction`, `tight_mae` / `tight_rmse` (the mean / root mean square
     over certified images of the worst error inside [L, U], max(|L − c|, |U − c|)) and `mean_width`."""
     gt = [r["gt"] for r in rows]
     single = all("count" in r for r in rows)
@@ -207,8 +264,11 @@ def summarize_certificates(rows: list[dict], sides: list[int]) -> dict:
             **summarize(counts_for(rows, s), gt),
             "certified_fraction": len(certified) / len(rows),
             "tight_mae": float(worst.mean()) if len(worst) else math.nan,
-            "tight_mse": float(np.sqrt((worst**2).mean())) if len(worst) else math.nan,
+            "tight_rmse": float(np.sqrt((worst**2).mean())) if len(worst) else math.nan,
             "mean_width": float(np.mean([r[f"U{s}"] - r[f"L{s}"] for r in certified])) if certified else math.nan}
+        if not certified:  # metrics.json writes the missing figures as null: say why beside them
+            out["patch_sizes"][str(s)]["note"] = ("no image certified at this side: tight_mae, tight_rmse and "
+                                                  "mean_width do not exist")
     return out
 
 

@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +75,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -85,6 +94,16 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+class OrderedPair(argparse.Action):
+    """`nargs=2` values MIN MAX: a usage error when MIN > MAX."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        low, high = values
+        if low > high:
+            parser.error(f"argument {option_string}: MIN must not exceed MAX, got {low} {high}")
+        setattr(namespace, self.dest, list(values))
 
 
 def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn",
@@ -119,7 +138,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--density", default="adaptive", choices=DENSITY_SOURCES,
                        help="target density maps: made from the head points with the geometry-adaptive kernel "
                             "(adaptive) or MCNN's fixed σ = 4 kernel (fixed), or read from the CSRNet-style "
-                            "ground_truth/IMG_<i>.h5 files (h5; see make_dataset.py densities)")
+                            "ground_truth/IMG_<i>.h5 files and scaled to the number of heads (h5; see make_dataset.py "
+                            "densities); the ground-truth counts always come from the head points")
     group.add_argument("--max-train-images", type=positive_int, help="use only the first N training images")
     group.add_argument("--max-test-images", type=positive_int, help="use only the first N test images")
     return group
@@ -154,7 +174,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argpar
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The "run" group: output folder, figures, device, seed, workers, mixed precision."""
+    """The "run" group: output folder, figures, device, seed, workers, mixed precision. `run` checks a given --out
+    before the script's main starts (`runs.check_out`)."""
+    parser.run_folder = True
     group = parser.add_argument_group("run")
     group.add_argument("--out", type=Path, help="run folder; omitted: a new runs/<script>/<timestamp>; an existing "
                        "run there is never overwritten without --overwrite")
@@ -163,7 +185,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then the CPU")
     group.add_argument("--seed", type=int, default=0, help="seed of every random draw (crops, patches, ablations)")
-    group.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0: in the main process)")
+    group.add_argument("--workers", type=non_negative_int, default=0,
+                       help="data-loading worker processes (0: in the main process)")
     group.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA (run in float32)")
     group.add_argument("--amp-dtype", default="float16", choices=AMP_DTYPES,
                        help="autocast dtype on CUDA (bfloat16 needs an Ampere or newer card)")
@@ -180,7 +203,7 @@ def add_patch_args(parser: argparse.ArgumentParser, group: argparse._ArgumentGro
     group.add_argument("--patch-shape", default="circle", choices=SHAPES, help="mask of the patch")
     group.add_argument("--rotation", type=float, default=PatchTransform.rotation,
                        help="each application rotates the patch by a random angle in ±this, in degrees")
-    group.add_argument("--scale", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
+    group.add_argument("--scale", type=positive_float, nargs=2, metavar=("MIN", "MAX"), action=OrderedPair,
                        default=[PatchTransform.scale_min, PatchTransform.scale_max],
                        help="each application scales the patch by a random factor in [MIN, MAX]")
     group.add_argument("--brightness", type=float, default=PatchTransform.brightness,
@@ -223,7 +246,8 @@ def ablation_spec(args: argparse.Namespace, trained: AblationSpec | None, keep: 
         if value is None:
             continue
         if trained is not None and value != getattr(trained, name):
-            print(f"--{name} {value} overrides the {name} {getattr(trained, name)} the model was trained with")
+            print(f"warning: --{name} {value} overrides the {name} {getattr(trained, name)} the model was trained "
+                  "with", file=sys.stderr)
         spec = dataclasses.replace(spec, **{name: value})
     return spec
 
@@ -255,8 +279,9 @@ def resolve_splits(data: Path | None, train: Path | None = None,
 
 def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
                    ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset]:
-    """What every training script does first: device, model, train (crops) and test sets, then the run folder
-    (claimed only once the inputs are known to be good)."""
+    """What every training script does first: the run folder checked, device, model, train (crops) and test sets,
+    then the run folder claimed (only once the inputs are known to be good)."""
+    runs.check_out(args, script)
     train_root, test_root = resolve_splits(args.data, args.train_data, args.test_data)
     if train_root is None or test_root is None:
         raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
@@ -271,16 +296,44 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
 
 def run_dir(args: argparse.Namespace, script: str, device: torch.device | None = None, **resolved) -> Path:
     """Claim the run folder (`--out`, else a new runs/<script>/<timestamp>) and record the run in its args.json:
-    the settings, with `device` and any other `resolved` values in place of what was asked for."""
+    the settings, with `device` and any other `resolved` values in place of what was asked for (`amp` is false
+    where autocast does not run: it runs on CUDA only)."""
     if device is not None:
         args.device = str(device)
         resolved.setdefault("dtype", f"{getattr(args, 'amp_dtype', 'float16')} autocast"
                             if getattr(args, "amp", False) and device.type == "cuda"
                             else "float32")
+        if hasattr(args, "amp") and device.type != "cuda":
+            resolved.setdefault("amp", False)
     for key, value in resolved.items():
         if hasattr(args, key):
             setattr(args, key, value)
     return runs.start(args, script, {k: v for k, v in resolved.items() if not hasattr(args, k)})
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `kill` and cluster schedulers send), raised in the main thread of the main process so
+    that a run cleans up exactly as on Ctrl-C (SIGINT); the script then exits with 143 (128 + SIGTERM) instead of
+    130."""
+
+
+_main_pid: int | None = None  # the process that installed the SIGTERM handler (forked workers inherit it)
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    if os.getpid() != _main_pid:  # a forked DataLoader worker (a scheduler signals every process): the main
+        return  # process ends it as it cleans up; dying now would turn the interrupt into a "worker killed" error
+    raise Terminated()
+
+
+def _install_sigterm():
+    """Install `_on_sigterm`; returns the handler it replaced (None where signals cannot be set: not the main
+    thread)."""
+    global _main_pid
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _main_pid = os.getpid()
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _fail(prog: str, message: str, status: int = 2) -> None:
@@ -291,13 +344,17 @@ def _fail(prog: str, message: str, status: int = 2) -> None:
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         argv: list[str] | None = None) -> None:
     """Parse and call `main`. Errors a user can cause (bad input, a file system refusing --out) become one line on
-    stderr and exit status 2; a run that fails or is interrupted before doing any work leaves no folder behind."""
+    stderr and exit status 2. A run that fails or is interrupted (Ctrl-C: exit 130; SIGTERM, handled alike: exit 143)
+    leaves no folder behind, unless it was resumed or holds a checkpoint to resume (`runs.discard_failed`)."""
     argv = sys.argv[1:] if argv is None else argv
     runs.begin(shlex.join(["python", parser.prog, *argv]))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the library's progress lines
     joined = distributed.launched() and not distributed.initialised()
+    previous = _install_sigterm()
     try:
         args = parser.parse_args(argv)
+        if getattr(parser, "run_folder", False) and args.out is not None:  # a bad --out fails before any work
+            runs.check_out(args, parser.prog.removesuffix(".py"))
         configure(getattr(args, "amp_dtype", "float16"), getattr(args, "compile", False))
         if distributed.launched():  # under torchrun: join the process group; rank 0 alone prints and logs
             pick_device(getattr(args, "device", "auto"))
@@ -306,8 +363,10 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
         main(args)
     except BaseException as e:
+        if previous is not None:  # the cleanup below is not cut short by a second SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         out = runs.current()
-        discarded = runs.discard_unstarted() if not isinstance(e, SystemExit) else False
+        discarded = runs.discard_failed() if not isinstance(e, SystemExit) else False
         if isinstance(e, ToolkitError):
             _fail(parser.prog, str(e))
         if isinstance(e, OSError):
@@ -320,9 +379,12 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
                 hint = f"what was written is in {out}"
             else:
                 hint = "nothing was written"
-            print(f"{parser.prog}: interrupted; {hint}", file=sys.stderr)
-            sys.exit(130)
+            terminated = isinstance(e, Terminated)
+            print(f"{parser.prog}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {hint}", file=sys.stderr)
+            sys.exit(143 if terminated else 130)
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if joined:
             distributed.teardown()

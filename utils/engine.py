@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from datasets.crowd import CrowdDataset, EqualSizeBatches
 from models.weights import checkpoint_state, load_state
 from utils import distributed
+from utils.errors import ToolkitError
 from utils.io import load_checkpoint, plain, save_checkpoint
 from utils.metrics import game, summarize
 from utils.runtime import autocast, progress
@@ -51,11 +52,12 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: CrowdDataset, device: torch.device, amp: bool = True,
              transform: Callable[[torch.Tensor], torch.Tensor] | None = None, keep_maps: int = 0,
-             desc: str = "eval") -> tuple[dict, list[dict], list[tuple]]:
+             desc: str = "eval", weights: str | Path | None = None) -> tuple[dict, list[dict], list[tuple]]:
     """Whole-image evaluation at batch size 1 (sizes vary); under torchrun each rank takes its share of the images
-    and every rank gets all the results.
+    and every rank gets all the results. With `weights` (the file the model was loaded from), a count that is not
+    finite is an error naming it.
 
-    Returns (metrics with mae, mse (RMSE) and game0..3, one row per image, and the (image, target, prediction)
+    Returns (metrics with mae, rmse and game0..3, one row per image, and the (image, target, prediction)
     of the first `keep_maps` images for figures).
     """
     model.eval()
@@ -74,9 +76,20 @@ def evaluate(model: torch.nn.Module, dataset: CrowdDataset, device: torch.device
     rows = distributed.gather(rows, key=lambda r: r["index"])
     maps = [m[1:] for m in distributed.gather(maps, key=lambda m: m[0])]
     gt, pred = [r["gt"] for r in rows], [r["pred"] for r in rows]
+    if weights is not None:
+        check_finite_counts(pred, [r["image"] for r in rows], weights)
     metrics = {**summarize(pred, gt), "n_images": len(rows)}
     metrics.update({f"game{lv}": float(np.mean([r[f"game{lv}"] for r in rows])) for lv in GAME_LEVELS})
     return metrics, rows, maps
+
+
+def check_finite_counts(counts: list[float], names: list[str], weights: str | Path) -> None:
+    """Every count is finite (one vectorised check); else an error naming the weights and the first image."""
+    bad = ~np.isfinite(np.asarray(counts, dtype=np.float64))
+    if bad.any():
+        raise ToolkitError(f"the model loaded from {weights} counts NaN or Inf on {int(bad.sum())} of {len(counts)} "
+                           f"images (first: {names[int(bad.argmax())]}): its activations overflow (on CUDA, try "
+                           "--no-amp)")
 
 
 def save_run_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,

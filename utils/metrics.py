@@ -1,4 +1,5 @@
-"""Counting metrics. "MSE" in crowd counting is the root of the mean squared count error (RMSE)."""
+"""Counting metrics. What crowd-counting papers call "MSE" is the root of the mean squared count error: it is
+written here, and in every metrics.json, as `rmse`."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,4 +35,4 @@ def _cell_index(n: int, cells: int, device) -> torch.Tensor:
 
 
 def summarize(pred, gt) -> dict[str, float]:
-    return {"mae": mae(pred, gt), "mse": rmse(pred, gt)}
+    return {"mae": mae(pred, gt), "rmse": rmse(pred, gt)}

@@ -133,6 +133,34 @@ def footprint_side(size: int, shape: str, transform: PatchTransform) -> int:
     return math.isqrt(bound - 1) + 1
 
 
+EXTENT_SLACK = 1e-3  # pixels: more than float32's error in the sampling grid of images up to 10^4 px wide
+
+
+def extent_side(size: int, shape: str, transform: PatchTransform) -> int:
+    """Side of the smallest axis-aligned square that holds every pixel one paste can change, at any placement
+    (sub-pixel included) and any draw of `transform`: what a receptive-field certificate must cover.
+
+    Proof. `_paste` samples the patch at u = R(−θ)(p − c)/σ + s/2 (patch pixels, centres at i + ½) for the image
+    pixel centre p, patch centre c, angle θ and scale σ. Bilinear sampling with zero padding reads mask pixel
+    centre m only where |u − m| < 1 on both axes, so pixel p changes only if p − c = σ R(θ)(m − s/2 + e) with
+    m a mask centre and |e|∞ < 1. Its x offset is σ (cos θ (m_x + e_x) − sin θ (m_y + e_y)), writing m relative to
+    the patch centre; the mask is symmetric under x ↦ −x, y ↦ −y and x ↔ y, so over θ ∈ [−θ*, θ*] (θ* = the
+    rotation range, or 45°: the square's and circle's symmetries map any larger angle there) the offset along either
+    axis is below σ max over θ ∈ [0, θ*] and m of a cos θ + b sin θ with a = |m_x| + 1, b = |m_y| + 1. Each term
+    is √(a² + b²) cos(θ − φ), φ = atan2(b, a): its maximum on [0, θ*] is √(a² + b²) where φ ≤ θ*, else its value
+    at θ*. So every changed pixel centre lies in an open interval of length 2h around c's coordinate, h = σ_max
+    times that maximum, and an open interval of length L holds at most ⌈L⌉ pixel centres. `EXTENT_SLACK` absorbs
+    the float32 rounding of the sampling grid.
+    """
+    offsets = make_mask(size, shape)[0].nonzero().double() + 0.5 - size / 2  # mask pixel centres, from the centre
+    a, b = offsets[:, 1].abs() + 1, offsets[:, 0].abs() + 1
+    theta = math.radians(min(abs(transform.rotation), 45.0))
+    phi = torch.atan2(b, a)
+    reach = torch.where(phi <= theta, torch.hypot(a, b), a * math.cos(theta) + b * math.sin(theta))
+    h = max(transform.scale_min, transform.scale_max) * float(reach.max())
+    return math.ceil(2 * h + 2 * EXTENT_SLACK)
+
+
 @dataclass(frozen=True)
 class PatchSpec:
     """Which patch is applied and how: its side in pixels, mask shape, random transform ranges and where it goes
@@ -163,6 +191,12 @@ class PatchSpec:
         """Side of a square holding at least as many pixels as one paste can change (rotation, scale and bilinear
         rim included), and at least the nominal side: what a certificate must cover for this patch."""
         return max(self.side, footprint_side(self.side, self.shape, self.transform))
+
+    @cached_property
+    def extent_side(self) -> int:
+        """Side of the smallest axis-aligned square holding every pixel one paste can change (rotation, scale,
+        bilinear rim and sub-pixel placement included): what a receptive-field certificate must cover."""
+        return extent_side(self.side, self.shape, self.transform)
 
     def check_fits(self, side: int, what: str) -> None:
         """The one check that the patch fits: `side` is the shortest side of `what` (images, crops...)."""

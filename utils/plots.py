@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from utils.errors import ToolkitError  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
+from utils.text import plural  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
 DPI = 130
@@ -150,7 +151,8 @@ def _interval_fig(rows: Sequence[dict], sides: Sequence[int], title: str = "") -
     counts = [r.get("count", r.get(f"count{max(sides)}")) for r in rows]  # rf-mask: the largest side's counter
     ax.plot(x, counts, "r.", label="certified counter's count")
     _from_zero(ax, [*counts, *(r[k] for r in rows for k in ("gt", *(f"{e}{s}" for s in sides for e in "LU")))])
-    ax.set_title(title or f"certified count intervals [L, U] per patch side ({len(rows)} images)", fontsize=10)
+    ax.set_title(title or f"certified count intervals [L, U] per patch side ({plural(len(rows), 'image')})",
+                 fontsize=10)
     ax.set_xlabel("image (sorted by ground truth)")
     ax.set_ylabel("count (people)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

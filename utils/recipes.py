@@ -67,8 +67,8 @@ class AblationRecipe(Recipe):
                  epoch: int) -> tuple[dict, list[dict]]:
         if epoch < self.warmup_epochs:  # the smoothed count of a clean-trained model says little: save the time
             metrics, rows = super().validate(model, test_set, device, amp, epoch)
-            return {"mae": math.nan, "mse": math.nan, "ablated_mae": math.nan, "ablated_mse": math.nan,
-                    "clean_mae": metrics["mae"]}, rows
+            return {"mae": math.nan, "rmse": math.nan, "ablated_mae": math.nan, "ablated_rmse": math.nan,
+                    "clean_mae": metrics["mae"], "note": "warm-up epoch: the smoothed count is not validated"}, rows
         model.eval()
         rows = []
         for i in progress(range(len(test_set)), "validate"):
@@ -81,8 +81,8 @@ class AblationRecipe(Recipe):
                          "smoothed": float(np.median(counts.cpu().numpy()))})
         gt = [r["gt"] for r in rows]
         smoothed, ablated, clean = (summarize([r[key] for r in rows], gt) for key in ("smoothed", "ablated", "pred"))
-        return {"mae": smoothed["mae"], "mse": smoothed["mse"], "ablated_mae": ablated["mae"],
-                "ablated_mse": ablated["mse"], "clean_mae": clean["mae"]}, rows
+        return {"mae": smoothed["mae"], "rmse": smoothed["rmse"], "ablated_mae": ablated["mae"],
+                "ablated_rmse": ablated["rmse"], "clean_mae": clean["mae"], "note": ""}, rows
 
 
 def kappa(epoch: int, epochs: int, spec: str | float) -> float:
@@ -144,10 +144,12 @@ class AdversarialRecipe(Recipe):
         k = kappa(epoch, self.epochs, self.kappa_spec)
         attacked = metrics["attacked"]
         # best.pt is picked among the epochs that trained on patches (κ < 1), so it is never a clean-only model
-        chosen = attacked if k < 1 else {"mae": math.nan, "mse": math.nan}
-        return {"mae": chosen["mae"], "mse": chosen["mse"], "attacked_mae": attacked["mae"],
-                "attacked_mse": attacked["mse"], "clean_mae": metrics["clean"]["mae"],
-                "clean_mse": metrics["clean"]["mse"], "kappa": k}, [{**r, "pred": r["clean"]} for r in rows]
+        chosen = attacked if k < 1 else {"mae": math.nan, "rmse": math.nan}
+        return {"mae": chosen["mae"], "rmse": chosen["rmse"], "attacked_mae": attacked["mae"],
+                "attacked_rmse": attacked["rmse"], "clean_mae": metrics["clean"]["mae"],
+                "clean_rmse": metrics["clean"]["rmse"], "kappa": k,
+                "note": "" if k < 1 else "κ = 1: a clean-only epoch, not eligible for best.pt (mae is null)"}, \
+            [{**r, "pred": r["clean"]} for r in rows]
 
     def replicated(self) -> list[torch.Tensor]:  # the co-evolving patch: its gradient is averaged across ranks
         return [self.attack.patch, self.attack.velocity]

@@ -12,6 +12,12 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
 
 Both hold for every placement and every patch content, with no probability of failure. dmax (a high quantile of the
 cells) and c (the mean of max S_w, per side) come from a train split (`calibrate`).
+
+The side s certified is the patch's extent (`PatchSpec.extent_side`): every pixel the toolkit's patch can change, under
+every rotation, scale, sub-pixel placement and its bilinear rim, lies in one axis-aligned s×s square. The certified
+counts are computed in float32 (no autocast, no TF32: `utils.runtime.float32`), and each interval is widened by
+`FLOAT_TOLERANCE` × (T + 1): the cells a patch cannot reach keep their clean values only up to float rounding, which
+differs with the batch an image is counted in (measured: about 1e-9 relative for MCNN between batches of 1 and 48).
 """
 from __future__ import annotations
 
@@ -26,12 +32,13 @@ import torch.nn.functional as F
 from datasets.crowd import CrowdDataset, EqualSizeBatches
 from models.receptive_field import ReceptiveField
 from utils import distributed
-from utils.certify import Certifier
+from utils.certify import Certifier, require_eval
 from utils.errors import ToolkitError
 from utils.io import save_json
-from utils.runtime import autocast, progress
+from utils.runtime import autocast, float32, progress
 
 DMAX_QUANTILE = 0.999
+FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
 
 
 def integral_image(density: torch.Tensor) -> torch.Tensor:
@@ -74,6 +81,18 @@ class Calibration:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ToolkitError(f"{path} is not a calibration of this toolkit: {e}") from None
 
+    def check_field(self, rf: ReceptiveField, path: Path | str = "the calibration") -> Calibration:
+        """This calibration, if it was measured for a model with receptive field `rf`; else an error."""
+        if self.receptive_field and self.receptive_field != asdict(rf):
+            raise ToolkitError(f"{path} was measured for the receptive field {self.receptive_field}, not this "
+                               f"model's {asdict(rf)}")
+        return self
+
+
+def load_calibration(path: Path, rf: ReceptiveField) -> Calibration:
+    """A saved calibration, checked against the receptive field of the model it will certify."""
+    return Calibration.load(path).check_field(rf, path)
+
 
 @torch.no_grad()
 def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int], device: torch.device,
@@ -100,12 +119,21 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
 
 
 class _WindowCertifier(Certifier):
-    """What rf-clip and rf-mask share: one forward pass, window sums from one integral image per batch, all the
-    results read from the device at once; per side the top-left output cell of the window where a patch hides the
+    """What rf-clip and rf-mask share: one float32 forward pass, window sums from one integral image per batch, all
+    the results read from the device at once; per side the top-left output cell of the window where a patch hides the
     most people (`hide{s}`) and of the one where it adds the most (`add{s}`)."""
+
+    side_measure = "extent"  # a window of cells is reached by every pixel within one axis-aligned square
 
     def __init__(self, rf: ReceptiveField, calibration: Calibration):
         self.rf, self.calibration = rf, calibration
+
+    @staticmethod
+    def _forward(model, images: torch.Tensor) -> torch.Tensor:
+        """The model's density in float32, in eval mode."""
+        require_eval(model)
+        with float32(images.device):
+            return model(images.float()).float()
 
     def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         raise NotImplementedError
@@ -120,6 +148,9 @@ class _WindowCertifier(Certifier):
         for s in sides:
             columns.update(self._columns(density, integral, s))
             widths[s] = density.shape[-1] - min(self.rf.window(s), density.shape[-1]) + 1
+        slack = FLOAT_TOLERANCE * (integral[:, -1, -1] + 1)
+        for s in sides:
+            columns[f"L{s}"], columns[f"U{s}"] = columns[f"L{s}"] - slack, columns[f"U{s}"] + slack
         values = torch.stack([c.double() for c in columns.values()], dim=1).cpu().tolist()  # one transfer
         rows = []
         for per_image in values:
@@ -140,7 +171,7 @@ class RFClipCertifier(_WindowCertifier):
     def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
         """The certified counter as a density map (its sum is the count): the model's density clipped to [0, dmax].
         Differentiable, so a patch can be optimised against the counter itself."""
-        return model(images).float().clamp(0, self.calibration.dmax)
+        return self._forward(model, images).clamp(0, self.calibration.dmax)
 
     def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
         return self.density(model, images)
@@ -173,9 +204,8 @@ class RFMaskCertifier(_WindowCertifier):
                                f"(it has {sorted(self.calibration.c)}); calibrate again with this side")
         return self.calibration.c[side]
 
-    @staticmethod
-    def _clean(model, images: torch.Tensor) -> torch.Tensor:
-        return model(images).float().clamp_min(0)
+    def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
+        return self._forward(model, images).clamp_min(0)
 
     def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with

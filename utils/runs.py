@@ -1,5 +1,6 @@
-"""Run folders: a new run never lands on an earlier one, a resumed run keeps the settings it recorded, and a run
-that fails before doing any work leaves nothing behind.
+"""Run folders: a new run never lands on an earlier one, a resumed run keeps the settings it recorded, `--out` is
+checked before any long work (`check_out`), and a run that fails or is interrupted leaves nothing behind unless it
+holds a resumable checkpoint (`discard_failed`).
 
 A run folder holds `args.json`: the run's settings as resolved (device, data folders, patch side, ...), the
 libraries and git commit it ran with, and one entry per resume.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shutil
 import subprocess
@@ -153,17 +155,52 @@ def _new_default(parent: Path) -> tuple[Path, list[Path]]:
     raise ToolkitError(f"cannot find a free run folder name under {parent}")
 
 
-def _claim(out: Path, overwrite: bool) -> list[Path]:
-    """Make `out` ready for a new run: new, empty, or (with `overwrite`) an earlier run emptied."""
+def _check_creatable(path: Path, target: str | None = None) -> None:
+    """The folder `path` (existing or not) can be created and written to: no file among its parents, and the nearest
+    existing folder writable. Nothing is created. `target` names what is to be written (default: the run folder)."""
+    target = target or f"the run folder {path}"
+    for p in path.parents:
+        if p.exists() and not p.is_dir():
+            raise ToolkitError(f"cannot create {target}: {p} is a file")
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ToolkitError(f"cannot create {target}: {folder} is not writable")
+
+
+def _check_claimable(out: Path, overwrite: bool, resumable: bool) -> bool:
+    """What `_claim` refuses, checked without changing anything; True if `out` holds an earlier run to delete."""
     if out.exists() and not out.is_dir():
         raise ToolkitError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / RECORD).is_file():
-            raise ToolkitError(f"--out {out} is a folder that is not empty and holds no run ({RECORD}); choose a new "
-                               "or empty folder")
-        if not overwrite:
-            raise ToolkitError(f"{out} already holds a run: --resume continues it, --overwrite starts it again "
-                               "(deleting its files); or choose another --out")
+    _check_creatable(out)
+    if not (out.is_dir() and any(out.iterdir())):
+        return False
+    if not (out / RECORD).is_file():
+        raise ToolkitError(f"--out {out} is a folder that is not empty and holds no run ({RECORD}); choose a new "
+                           "or empty folder")
+    if not overwrite:
+        offer = "--resume continues it, --overwrite starts it again (deleting its files); or" if resumable else \
+            "--overwrite starts it again (deleting its files), or"
+        raise ToolkitError(f"{out} already holds a run: {offer} choose another --out")
+    return True
+
+
+def check_out(args: argparse.Namespace, script: str) -> None:
+    """Everything `start` would refuse about the run folder (`args.out`: a file, a folder holding other files, an
+    earlier run without --overwrite, a parent that is a file or not writable; with --resume, a folder that is not
+    a run), checked without creating, deleting or writing anything: call it before any long work."""
+    if getattr(args, "resume", False):
+        read_record(args.out)
+        _check_creatable(args.out)
+    elif args.out is None:
+        _check_creatable(Path("runs") / script)
+    else:
+        _check_claimable(args.out, bool(getattr(args, "overwrite", False)), hasattr(args, "resume"))
+
+
+def _claim(out: Path, overwrite: bool, resumable: bool = True) -> list[Path]:
+    """Make `out` ready for a new run: new, empty, or (with `overwrite`) an earlier run emptied. `resumable`: the
+    script has --resume (the refusal offers it)."""
+    if _check_claimable(out, overwrite, resumable):
         print(f"--overwrite: deleting the earlier run in {out}")
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -187,7 +224,7 @@ def _start(args: argparse.Namespace, script: str, extra: dict | None) -> Path:
     elif args.out is None:
         args.out, created = _new_default(Path("runs") / script)
     else:
-        created = _claim(args.out, bool(getattr(args, "overwrite", False)))
+        created = _claim(args.out, bool(getattr(args, "overwrite", False)), hasattr(args, "resume"))
     _current = {"out": args.out, "created": created, "resumed": resume}
     now = datetime.datetime.now().isoformat(timespec="seconds")
     record = {"script": script, **settings(args), **(extra or {})}
@@ -212,28 +249,33 @@ def claim_file(path: Path, suffixes: tuple[str, ...], overwrite: bool = False) -
         raise ToolkitError(f"{path} already exists; add --overwrite to replace it")
     if any(p.exists() and not p.is_dir() for p in path.parents):
         raise ToolkitError(f"--out {path}: a parent of it is a file")
+    _check_creatable(path.parent, str(path))
     return path
 
 
-def discard_unstarted() -> bool:
-    """Remove the run folder this process created if it holds nothing but args.json (a run that failed before
-    doing any work), and the parent folders created for it; True if it did."""
+def discard_failed() -> bool:
+    """A run that failed or was interrupted leaves nothing: delete the run folder this process claimed (every file
+    in it is this run's: a folder that held an earlier run was emptied by --overwrite) and the parent folders created
+    for it; a folder that existed before is left empty. Kept: a resumed run (its files are an earlier run's) and a
+    run holding a checkpoint to resume or reuse (a last.pt, also in a subfolder). True if it deleted the run."""
     global _current
     run, _current = _current, None
     if run is None or run["resumed"] or not run["out"].is_dir():
         return False
     out = run["out"]
-    if any(p.is_file() and p.name != RECORD for p in out.rglob("*")):
+    if any(p.is_file() for p in out.rglob("last.pt")):
         return False
-    (out / RECORD).unlink(missing_ok=True)
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
-        folder.rmdir()
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     for folder in reversed(run["created"]):
         try:
             folder.rmdir()
         except OSError:  # not empty: something else lives there
             break
     return True
+
+
+discard_unstarted = discard_failed  # its former name
 
 
 def current() -> Path | None:

@@ -99,6 +99,16 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def float32(device: torch.device):
+    """Plain float32 inside, whatever the caller's autocast: no autocast, and no TF32 in cuDNN's convolutions (10-bit
+    mantissas), so a certified count is computed as precisely on a GPU as on the CPU."""
+    cudnn = torch.backends.cudnn
+    with torch.autocast(device.type, enabled=False), cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+        yield
+
+
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move to the device; on CUDA channels-last, where cuDNN's NHWC convolutions are faster, and `torch.compile`d
     in place when configured (the module, its methods and its state_dict keys stay as they are)."""

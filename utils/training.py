@@ -20,6 +20,7 @@ from utils.io import save_csv, save_json
 from utils.metrics import mae
 from utils.plots import curve_figure
 from utils.runtime import derived_generator, prepare_model
+from utils.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Recipe:
                  epoch: int) -> tuple[dict, list[dict]]:
         """(metrics to log, with the `mae` that picks best.pt, and per-image rows)."""
         metrics, rows, _ = evaluate(model, test_set, device, amp)
-        return {"mae": metrics["mae"], "mse": metrics["mse"]}, rows
+        return {"mae": metrics["mae"], "rmse": metrics["rmse"]}, rows
 
     def state_dict(self) -> dict:
         return {}
@@ -91,7 +92,9 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         workers: int = 0, resume: bool = False, record: dict | None = None, recipe: Recipe | None = None,
         seed: int = 0, figure_format: str = "png") -> dict:
     """Train `model` on random crops of `train_set` by `recipe` (plain by default), validate on `test_set` every
-    epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json.
+    epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json: at
+    the top level the validation figures of best.pt (`best_epoch`), the checkpoint per_image.csv describes, or of
+    last.pt where no epoch was eligible for best.pt (`checkpoint` says which); the last epoch's under `last`.
 
     Epoch e's batch order and crops are a function of (`seed`, e): a resumed run trains exactly as an
     uninterrupted one. Under torchrun each rank trains on its share of every epoch's order (`batch_size` crops per
@@ -139,7 +142,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         scheduler.step()
         metrics, rows = recipe.validate(model, test_set, device, amp, epoch)
         history.append({"epoch": epoch + 1, "loss": loss, **metrics})
-        shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        shown = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else v for k, v in metrics.items() if v != "")
         log.info(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}  test {shown}  (mean-count baseline MAE {baseline:.2f})")
         if rows and all(r.get("pred") == 0 for r in rows):
             log.warning("warning: the model predicts exactly 0 everywhere (a dead final ReLU, as MCNN/CMTL's original "
@@ -157,19 +160,23 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
     distributed.check_replicas("model weights", [*model.state_dict().values(), *recipe.replicated()])
     last = history[-1]
     best_row = min((h for h in history if h["mae"] == h["mae"]), key=lambda h: h["mae"], default=None)  # NaN-safe
-    summary = {"model": model.name, "epochs": len(history), **{k: v for k, v in last.items() if k != "epoch"},
-               "best_mae": best, "best": best_row, "baseline_mae": baseline,
-               "mae_over_baseline": last["mae"] / max(baseline, 1e-12),
+    if best_row is None:  # no best.pt: per_image.csv and the top-level figures describe last.pt
+        save_csv(out / "per_image.csv", rows)
+    kept = best_row or last
+    summary = {"model": model.name, "epochs": len(history), "checkpoint": "last.pt" if best_row is None else "best.pt",
+               "best_epoch": None if best_row is None else best_row["epoch"],
+               **{k: v for k, v in kept.items() if k != "epoch"}, "baseline_mae": baseline,
+               "mae_over_baseline": kept["mae"] / max(baseline, 1e-12), "last": last,
                "train_images": len(train_set), "test_images": len(test_set)}
     save_json(out / "metrics.json", summary)
     curve_figure(out / f"curves.{figure_format}", {"train loss": [h["loss"] for h in history]},
                  ylabel="training loss (epoch mean)", title=f"training loss per epoch ({model.name})")
     curve_figure(out / f"test_mae.{figure_format}", {"test MAE": [h["mae"] for h in history],
                                                      "mean-count baseline": [baseline] * len(history)},
-                 ylabel="MAE (people)", title=f"test MAE per epoch ({model.name}, {len(test_set)} images)")
+                 ylabel="MAE (people)", title=f"test MAE per epoch ({model.name}, {plural(len(test_set), 'image')})")
     if best_row is None:  # e.g. adversarial training with kappa 1 throughout: no epoch may become best.pt
         log.info("no epoch was eligible for best.pt (validation MAE undefined); only last.pt was written")
     else:
-        log.info(f"test MAE {last['mae']:.2f} vs mean-count baseline {baseline:.2f} "
-              f"(ratio {summary['mae_over_baseline']:.3f})")
+        log.info(f"best.pt (epoch {best_row['epoch']}): test MAE {best_row['mae']:.2f} vs mean-count baseline "
+                 f"{baseline:.2f} (ratio {summary['mae_over_baseline']:.3f}); last epoch: test MAE {last['mae']:.2f}")
     return summary
