@@ -52,7 +52,9 @@ from utils.rf_certify import (
 from utils.runtime import autocast, batch_for_memory, pick_device, prepare_model
 
 METHODS = ("ablation", "rf-clip", "rf-mask")
-CPU_BATCH = 64  # ablations or images per forward pass where memory is not measured
+# per forward pass where memory is not measured: ablations, or whole images (few: 64 images of 768×1024 through MCNN
+# hold over 10 GB of activations, and a bigger batch is no faster on the CPU)
+CPU_BATCH = {"ablation": 64, "rf-clip": 4, "rf-mask": 4}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,7 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=cli.positive_int,
                        help="ablation: ablations per forward pass; receptive field: images per forward pass; "
                             "omitted: on CUDA as many as fit in --memory-fraction of the free GPU memory (measured "
-                            f"with one forward pass at the largest image size), elsewhere {CPU_BATCH}")
+                            "with one forward pass at the largest image size), elsewhere "
+                            + ", ".join(f"{v} ({k})" for k, v in CPU_BATCH.items()))
     group.add_argument("--memory-fraction", type=cli.unit_interval, default=0.5,
                        help="share of the free GPU memory that an omitted --batch-size fills")
     group.add_argument("--calibrate", type=Path,
@@ -128,7 +131,7 @@ def _calibration_source(args: argparse.Namespace, model, rf) -> Calibration | Cr
     if args.calibration is not None:
         return load_calibration(args.calibration, rf)
     if args.calibrate is not None:
-        return CrowdDataset.for_model(cli.check_split(args.calibrate), model)
+        return CrowdDataset.for_model(cli.check_split(args.calibrate), model, cache=False)  # read once: keep nothing
     raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "
                        "--calibration FILE")
 
@@ -143,7 +146,7 @@ def _batch_size(args: argparse.Namespace, model, dataset: CrowdDataset, device: 
             model(torch.rand(n, 3, h, w, device=device))
 
     most = args.samples if args.method == "ablation" else len(dataset)
-    return batch_for_memory(forward, device, args.memory_fraction, CPU_BATCH, most)
+    return batch_for_memory(forward, device, args.memory_fraction, CPU_BATCH[args.method], most)
 
 
 def _window_figures(out: Path, rows: list[dict], dataset: CrowdDataset, model, certifier, side: int, covered: int,

@@ -95,7 +95,8 @@ class CrowdDataset(Dataset):
         """(h, w) of every item as `__getitem__` returns it."""
         if self.crop is not None:
             return [(self.crop, self.crop)] * len(self)
-        return [multiple_size(*self._load(i)[0].shape[-2:], self.size_multiple) for i in range(len(self))]
+        return self._cached(("sizes",), lambda: [multiple_size(*image_size(p), self.size_multiple)
+                                                 for p in self.images])  # headers only: no decoding
 
     def smallest_side(self) -> int:
         """The shortest side of any item, e.g. the largest patch that fits every image."""
@@ -146,9 +147,9 @@ class CrowdDataset(Dataset):
 
     def head_points(self, index: int) -> np.ndarray:
         """(N, 2) head points (x, y) of whole image `index`, in the pixels of the image `__getitem__` returns."""
-        image = self._load(index)[0]
-        points = read_points(self._annotation(self.images[index]), *image.shape[-2:])
-        return resized_points(points, image.shape[-2:], multiple_size(*image.shape[-2:], self.size_multiple))
+        size = image_size(self.images[index])
+        points = read_points(self._annotation(self.images[index]), *size)
+        return resized_points(points, size, multiple_size(*size, self.size_multiple))
 
     def __getitem__(self, index: int):
         if self.crop is None:

@@ -83,3 +83,61 @@ def test_window_counts_the_cells_a_patch_can_reach():
         most = max(sum(1 for j in range(-20, 40) if j * 2 - 4 + 9 >= a and j * 2 - 4 <= a + patch - 1)
                    for a in range(0, 8))
         assert rf.window(patch) == most
+
+
+class _Net(torch.nn.Module):
+    """A one-channel network from a function of the grey input (tests of what the measurement sees)."""
+
+    def __init__(self, forward, *modules):
+        super().__init__()
+        self.layers, self.fn = torch.nn.ModuleList(modules), forward
+
+    def forward(self, x):
+        return self.fn(x, *self.layers)
+
+
+def _counter(forward, *modules, stride: int = 1, multiple: int = 1) -> CrowdCounter:
+    return CrowdCounter("probe", _Net(forward, *modules), stride=stride, size_multiple=multiple,
+                        native_channels=1).eval()
+
+
+def test_functional_and_dilated_pooling_are_measured_whole():
+    """A max pool called as a function (its gradient reaches one pixel of the window) and a dilated one (the average
+    pool that stood in for it had no dilation) both see their whole window."""
+    from torch.nn import functional as F
+
+    assert receptive_field(_counter(lambda x: F.max_pool2d(x, 21, 1, 10))) == ReceptiveField(21, 1, -10)
+    dilated = _counter(lambda x, pool: pool(x), torch.nn.MaxPool2d(5, 1, 4, dilation=2))
+    assert receptive_field(dilated) == ReceptiveField(9, 1, -4)
+    assert receptive_field(_counter(lambda x: torch.maximum(x, F.avg_pool2d(x, 3, 1, 1)))) == ReceptiveField(3, 1, -1)
+
+
+def test_long_periods_and_pixel_shuffles_are_covered():
+    """×32 nearest upsampling repeats each cell 32 times: every phase is measured. A pixel shuffle whose
+    sub-positions see different windows: the field holds all of them."""
+    from torch.nn import functional as F
+
+    up = _counter(lambda x: F.interpolate(F.max_pool2d(x, 32), scale_factor=32), multiple=32)
+    assert receptive_field(up) == ReceptiveField(32 + 31, 1, -31)
+
+    def shuffle(x):  # sub-position (0, 1) pools 21 px, the others 1
+        return F.pixel_shuffle(torch.cat([x, F.max_pool2d(x, 21, 1, 10), x, x], 1)[:, :, ::2, ::2], 2)
+
+    rf = receptive_field(_counter(shuffle, multiple=2))
+    assert rf.stride == 1 and rf.side >= 21 + 1
+
+
+@pytest.mark.parametrize("case", ["circular", "batch statistics", "comparison", "adaptive"])
+def test_what_cannot_be_measured_is_refused(case):
+    from torch.nn import functional as F
+
+    from models.receptive_field import UnmeasurableFieldError
+
+    counter = {
+        "circular": _counter(lambda x, conv: conv(x), torch.nn.Conv2d(1, 1, 17, padding=8, padding_mode="circular")),
+        "batch statistics": _counter(lambda x, bn: bn(x), torch.nn.BatchNorm2d(1, track_running_stats=False)),
+        "comparison": _counter(lambda x: x * (x >= F.max_pool2d(x, 9, 1, 4))),
+        "adaptive": _counter(lambda x: F.interpolate(F.adaptive_max_pool2d(x, 32), size=x.shape[-2:])),
+    }[case]
+    with pytest.raises(UnmeasurableFieldError, match="probe has no measurable receptive field"):
+        receptive_field(counter)

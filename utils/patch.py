@@ -101,14 +101,17 @@ def _paste(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, center
     theta = torch.stack([
         torch.stack([cos * w / 2 * k, sin * h / 2 * k, (cos * ox + sin * oy) * k], dim=1),
         torch.stack([-sin * w / 2 * k, cos * h / 2 * k, (-sin * ox + cos * oy) * k], dim=1),
-    ], dim=1).to(images.device, images.dtype, non_blocking=True)  # host to device: no wait for the device
+    ], dim=1).to(images.device, torch.float32, non_blocking=True)  # host to device: no wait for the device
+
+    # The geometry in float32 whatever the images' dtype: in bfloat16 the sampling grid is off by pixels, and the
+    # extent a certificate covers (`extent_side`) allows for float32 rounding only.
 
     # Premultiplied alpha: sample [clamp(P + b) · M, M] together, so edges blend without darkening.
-    bright = bright.to(images.device, images.dtype, non_blocking=True).view(n, 1, 1, 1)
-    shifted = (patch.to(images.dtype).unsqueeze(0) + bright).clamp(0, 1)
-    source = torch.cat([shifted * mask, mask.expand(n, 1, size, size)], dim=1)
+    bright = bright.to(images.device, torch.float32, non_blocking=True).view(n, 1, 1, 1)
+    shifted = (patch.float().unsqueeze(0) + bright).clamp(0, 1)
+    source = torch.cat([shifted * mask.float(), mask.float().expand(n, 1, size, size)], dim=1)
     grid = F.affine_grid(theta, [n, 4, h, w], align_corners=False)
-    canvas = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    canvas = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(images.dtype)
     covered = canvas[:, 3:]
     return images * (1 - covered) + canvas[:, :3], covered
 
