@@ -184,16 +184,23 @@ def test_bad_input_gives_one_line(tiny_mcnn, tiny_crowds, tmp_path, cli_error):
 
 @pytest.mark.slow
 def test_default_run_on_the_synthetic_victim(tmp_path):
-    """`python patch_attack.py` with no arguments (victim trained and cached on first use).
+    """`python patch_attack.py` with no arguments (the seed-0 victim trained and cached on first use): the README's
+    stated effect. The headline is the count shift against the noise control, which an MAE ratio can hide (pushing
+    up the counts of an undercounting victim first lowers its MAE).
 
-    Measured: attacked MAE 2.08x the clean MAE (32.36 vs 15.52), control within 6 %. Issue 3 asked for 3x; what holds
-    is asserted.
+    Measured with `--seed 0 / 1 / 2` (three victims): shift against the control +37.9 / +42.5 / +53.4, that is
+    2.03 / 2.02 / 3.22x the clean MAE (18.64 / 21.05 / 16.59); attacked MAE 2.54 / 2.68 / 3.25x the clean; control
+    MAE 7.7 / 9.7 / 6.7 % above the clean. Asserted with margin: 1.5x, 1.5x and 20 %.
     """
     metrics = patch_attack.main(patch_attack.get_args_parser().parse_args(["--out", str(tmp_path)]))
     clean, attacked, control = metrics["clean"]["mae"], metrics["attacked"]["mae"], metrics["control"]["mae"]
-    assert attacked >= 2 * clean, metrics
+    assert metrics["attacked"]["shift_vs_control"] >= 1.5 * clean, metrics
+    assert attacked >= 1.5 * clean, metrics
     assert abs(control - clean) < 0.2 * clean, metrics
+    assert abs(metrics["control"]["mean_shift"]) < 0.2 * metrics["attacked"]["shift_vs_control"], metrics
     assert metrics["patch"]["area_fraction"] <= 0.02
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["attacked"]["shift_vs_control"] == pytest.approx(metrics["attacked"]["shift_vs_control"])
 
 
 def test_the_headline_measures_by_hand():
