@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="APAM step η, in [0, 1] pixel units (at 0.01 the co-evolving patch grows so strong that "
                             "the model learns to undercount everything)")
     group.add_argument("--val-attack-epochs", type=cli.positive_int, default=DEFAULTS["val_epochs"],
-                       help="passes of each fresh validation patch over crops of the test images")
+                       help="passes of each fresh validation patch over crops of the validation images")
     group.add_argument("--val-attack-restarts", type=cli.positive_int, default=DEFAULTS["val_restarts"],
                        help="fresh validation patches per epoch; the strongest counts")
     group = parser.add_argument_group("patch (of the attack during training and of the validation probes)")
@@ -54,32 +54,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     runs.check_out(args, "adv_train")  # before the synthetic victim is trained (minutes, the first time)
     if args.weights is None and not (args.data or args.train_data or args.test_data):
-        args.weights = synthetic_victim(args.model)  # the synthetic default fine-tunes the undefended model
-    out, device, model, train_set, test_set = cli.training_setup(args, "adv_train")
+        args.weights = synthetic_victim(args.model, seed=args.seed)  # the synthetic default: fine-tune the victim
+    out, device, model, train_set, val_set, test_set = cli.training_setup(args, "adv_train")
     spec = cli.patch_spec(args, args.patch_size)
     spec.check_fits(train_set.smallest_side(), "the training crops")
     spec.check_fits(test_set.smallest_side(), "the smallest test image")
     config = APAMConfig(target=args.target, tau=args.tau, lr=args.attack_lr)
-    recipe = adversarial_recipe(model, test_set, spec, config, crop=args.crop, attack_steps=args.attack_steps,
+    recipe = adversarial_recipe(val_set or train_set, spec, config, crop=args.crop, attack_steps=args.attack_steps,
                                 kappa_spec=args.kappa, epochs=args.epochs, val_epochs=args.val_attack_epochs,
                                 val_restarts=args.val_attack_restarts, seed=args.seed, device=device, amp=args.amp)
     start = None
-    if not args.resume:
+    if not args.resume and val_set is not None:
         model.to(device)
-        start, _ = recipe.validate(model, test_set, device, args.amp, 0)
-        print(f"start model: clean MAE {start['clean_mae']:.2f}, MAE {start['attacked_mae']:.2f} under a fresh "
-              f"{args.patch_size}px patch")
-    summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        start, _ = recipe.validate(model, val_set, device, args.amp, 0)
+        print(f"start model, on the validation part: clean MAE {start['clean_mae']:.2f}, MAE "
+              f"{start['attacked_mae']:.2f} under a fresh {args.patch_size}px patch")
+    summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
                   resume=args.resume, record=runs.settings(args), seed=args.seed, recipe=recipe,
                   figure_format=args.figure_format)
     if start is not None:
         summary["start"] = start
         if summary["best_epoch"] is not None:
-            last = summary["last"]
-            print(f"attacked MAE: start model {start['attacked_mae']:.2f} (clean {start['clean_mae']:.2f}) -> "
-                  f"best.pt, epoch {summary['best_epoch']}: {summary['attacked_mae']:.2f} (clean "
-                  f"{summary['clean_mae']:.2f}); last epoch {last['attacked_mae']:.2f} (clean {last['clean_mae']:.2f})")
+            chosen, last = summary["validation"], summary["last"]
+            print(f"validation part, attacked MAE: start model {start['attacked_mae']:.2f} (clean "
+                  f"{start['clean_mae']:.2f}) -> best.pt, epoch {summary['best_epoch']}: {chosen['attacked_mae']:.2f} "
+                  f"(clean {chosen['clean_mae']:.2f}); last epoch {last['attacked_mae']:.2f} (clean "
+                  f"{last['clean_mae']:.2f})")
+    print(f"test split, {summary['checkpoint']}: clean MAE {summary['clean_mae']:.2f}, MAE "
+          f"{summary['attacked_mae']:.2f} under a fresh {args.patch_size}px patch")
     save_json(out / "metrics.json", summary)
     print(f"-> {out}")
     return summary

@@ -33,14 +33,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    out, device, model, train_set, test_set = cli.training_setup(args, "certify_train")
+    out, device, model, train_set, val_set, test_set = cli.training_setup(args, "certify_train")
     recipe = ablation_recipe(test_set, args.keep, args.unit, args.fill, args.warmup_epochs, args.val_samples,
                              args.seed, device)
     spec = recipe.spec
     print(f"ablation: keep {spec.keep} of {spec.reference_units} {spec.unit}s per image "
           f"({spec.crop_keep((3, args.crop, args.crop))} per {args.crop}x{args.crop} crop) after "
           f"{args.warmup_epochs} clean epochs")
-    summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
                   resume=args.resume, record=runs.settings(args), seed=args.seed, recipe=recipe,
                   figure_format=args.figure_format)

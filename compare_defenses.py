@@ -29,7 +29,7 @@ from utils.recipes import ABLATION_DEFAULTS, ADVERSARIAL_DEFAULTS, ablation_reci
 from utils.runtime import pick_device, prepare_model
 from utils.text import plural
 from utils.training import DEFAULTS as PLAIN_DEFAULTS
-from utils.training import fit
+from utils.training import VALIDATION, fit
 from utils.victims import synthetic_victim
 
 KINDS = ("vanilla", "adv", "ra")
@@ -108,19 +108,20 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
            synthetic: bool, out: Path, device: torch.device) -> Path:
     """Checkpoint of `kind` trained here, as its script trains it (with --adv-epochs etc. in place of --epochs)."""
     if kind == "vanilla" and synthetic:
-        return synthetic_victim(args.model, device)
+        return synthetic_victim(args.model, device, args.seed)
     defaults = {"vanilla": PLAIN_DEFAULTS, "adv": ADVERSARIAL_DEFAULTS, "ra": ABLATION_DEFAULTS}[kind]
     model = build(args.model, checkpoints["vanilla"] if kind == "adv" else None, seed=args.seed)
     # the scripts' crop, or the largest that fits an image of each split where that is smaller (small data)
     fits = min(largest_crop(list_images(root), model.size_multiple) for root in (train_root, test_root))
     crop = max(min(defaults["crop"], fits), model.size_multiple)
-    train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=crop)
+    train_set, val_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=crop).holdout(
+        VALIDATION, args.seed)
     test_set = CrowdDataset.for_model(test_root, model, density=args.density)
     epochs, recipe = defaults["epochs"], None
     if kind == "adv":
         epochs = args.adv_epochs
         spec = cli.patch_spec(args, max(args.patch_sizes))
-        recipe = adversarial_recipe(model, test_set, spec, APAMConfig(lr=defaults["attack_lr"]), crop=crop,
+        recipe = adversarial_recipe(val_set, spec, APAMConfig(lr=defaults["attack_lr"]), crop=crop,
                                     attack_steps=defaults["attack_steps"], kappa_spec=defaults["kappa"], epochs=epochs,
                                     val_epochs=defaults["val_epochs"], val_restarts=args.adv_val_restarts,
                                     seed=args.seed, device=device, amp=args.amp)
@@ -128,9 +129,10 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
         epochs, spec = args.ra_epochs, cli.ablation_spec(args, None)
         recipe = ablation_recipe(test_set, spec.keep, spec.unit, spec.fill, args.ra_warmup_epochs,
                                  defaults["val_samples"], args.seed, device)
-    fit(model, train_set, test_set, out / kind, epochs=epochs, batch_size=defaults["batch_size"], lr=defaults["lr"],
-        device=device, amp=args.amp, workers=args.workers, record={"trained_by": "compare_defenses", "kind": kind},
-        recipe=recipe, seed=args.seed, figure_format=args.figure_format)
+    fit(model, train_set, val_set, None, out / kind, epochs=epochs, batch_size=defaults["batch_size"],  # scored below
+        lr=defaults["lr"], device=device, amp=args.amp, workers=args.workers, recipe=recipe,
+        record={"trained_by": "compare_defenses", "kind": kind, "val_images": val_set.names}, seed=args.seed,
+        figure_format=args.figure_format)
     best = out / kind / "best.pt"  # none when no epoch was eligible (adversarial training still at κ = 1)
     return best if best.is_file() else out / kind / "last.pt"
 

@@ -26,8 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    out, device, model, train_set, test_set = cli.training_setup(args, "train", erase=args.erase)
-    summary = fit(model, train_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    out, device, model, train_set, val_set, test_set = cli.training_setup(args, "train", erase=args.erase)
+    summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
                   resume=args.resume, record=runs.settings(args), seed=args.seed, figure_format=args.figure_format)
     print(f"-> {out}")

@@ -1,6 +1,8 @@
 """`CrowdDataset`: a ShanghaiTech-layout split as (image, target density at the model's stride, count)."""
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,6 @@ class CrowdDataset(Dataset):
                  grey: bool = False, erase: float = 0.0, seed: int = 0):
         if density not in DENSITY_SOURCES:
             raise ToolkitError(f"unknown density source {density!r}; choose from {', '.join(DENSITY_SOURCES)}")
-        if crop is not None and (crop <= 0 or crop % size_multiple):
-            raise ToolkitError(f"crop must be a positive multiple of {size_multiple}, got {crop}")
         self.root = Path(root)
         self.images = list_images(self.root)[:max_images]
         self.stride, self.size_multiple, self.density = stride, size_multiple, density
@@ -54,12 +54,19 @@ class CrowdDataset(Dataset):
             self._annotation(image)
             if density == "h5":
                 self._annotation(image, ".h5")
-        if crop is not None:  # a crop larger than every image would be mostly padding: refuse it before any work
-            fits = largest_crop(self.images, size_multiple)
-            if crop > fits:
-                raise ToolkitError(f"crop {crop} is larger than every image of {self.root}: "
-                                   + (f"at most {fits} fits one (a multiple of {size_multiple})" if fits else
-                                      f"no image has both sides of at least {size_multiple} px"))
+        self._check_crop()
+
+    def _check_crop(self) -> None:
+        """A crop larger than every image would be mostly padding: refuse it before any work."""
+        if self.crop is None:
+            return
+        if self.crop <= 0 or self.crop % self.size_multiple:
+            raise ToolkitError(f"crop must be a positive multiple of {self.size_multiple}, got {self.crop}")
+        fits = largest_crop(self.images, self.size_multiple)
+        if self.crop > fits:
+            raise ToolkitError(f"crop {self.crop} is larger than every image of {self.root}: "
+                               + (f"at most {fits} fits one (a multiple of {self.size_multiple})" if fits else
+                                  f"no image has both sides of at least {self.size_multiple} px"))
 
     @classmethod
     def for_model(cls, root: str | Path, model, **kwargs) -> CrowdDataset:
@@ -144,6 +151,29 @@ class CrowdDataset(Dataset):
         else:
             den = torch.from_numpy(density_map(resized_points(source, image.shape[-2:], (h, w)), (h, w), self.density))
         return resize_to_multiple(image, self.size_multiple), downsample(den, self.stride)[None], count
+
+    def holdout(self, share: float, seed: int) -> tuple[CrowdDataset, CrowdDataset]:
+        """(training part, validation part): a `share` of the images (at least one) drawn by `seed`, each part keeping
+        the split's image order; the validation part is whole images with no erasing, as a test split is scored."""
+        n = len(self)
+        held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(1, round(share * n))].tolist())
+        if len(held) == n:
+            raise ToolkitError(f"a validation share of {share:g} of the {n} images of {self.root} leaves none to "
+                               "train on: lower --val, or 0 for no validation part")
+        return self.subset(i for i in range(n) if i not in held), self.subset(sorted(held), crop=None, erase=0.0)
+
+    def subset(self, indices: Iterable[int], **settings) -> CrowdDataset:
+        """The images at `indices` (in that order) with this dataset's settings, or the `settings` given (`crop`,
+        `erase`, `flip`)."""
+        part = copy.copy(self)
+        part.images = [self.images[i] for i in indices]
+        part._cache = {} if self._cache is not None else None  # keyed by index: a part needs its own
+        for name, value in settings.items():
+            if name not in ("crop", "erase", "flip"):
+                raise TypeError(f"subset() got an unexpected setting {name!r}")
+            setattr(part, name, value)
+        part._check_crop()
+        return part
 
     def head_points(self, index: int) -> np.ndarray:
         """(N, 2) head points (x, y) of whole image `index`, in the pixels of the image `__getitem__` returns."""

@@ -44,7 +44,7 @@ def tiny_mcnn(tiny_crowds, tmp_path_factory) -> Path:
     torch.manual_seed(1)
     model = build("mcnn")
     out = tmp_path_factory.mktemp("tiny_mcnn")
-    summary = fit(model, CrowdDataset.for_model(tiny_crowds / "train_data", model, crop=64),
+    summary = fit(model, CrowdDataset.for_model(tiny_crowds / "train_data", model, crop=64), None,
                   CrowdDataset.for_model(tiny_crowds / "test_data", model), out, epochs=20, batch_size=2, lr=1e-3,
                   device=torch.device("cpu"))
     assert summary["mae"] < summary["baseline_mae"], summary

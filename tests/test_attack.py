@@ -221,11 +221,12 @@ def test_the_victim_of_each_seed_is_picked_on_its_own_draw_of_the_train_split(ti
     dataset = CrowdDataset.for_model(tiny_crowds / "train_data", build("mcnn"), crop=64, erase=0.5)
     parts = {}
     for seed in range(6):
-        train, val = victims.validation_split(dataset, seed)
+        train, val = dataset.holdout(victims.VALIDATION, seed)
         assert sorted(train.names + val.names) == sorted(dataset.names) and not set(train.names) & set(val.names)
-        assert len(val) == 1 and train.crop == 64  # max(1, 10 % of 6); the caller scores it on whole images
+        assert len(val) == 1 and train.crop == 64 and train.erase == 0.5  # max(1, 10 % of 6)
+        assert val.crop is None and val.erase == 0.0  # scored on whole images, as a test split
         assert list(val.counts()) == [dataset.counts()[dataset.names.index(n)] for n in val.names]
-        assert victims.validation_split(dataset, seed)[1].names == val.names  # a function of the seed
+        assert dataset.holdout(victims.VALIDATION, seed)[1].names == val.names  # a function of the seed
         parts[seed] = tuple(val.names)
     assert len(set(parts.values())) > 1
     assert len({victims.victim_dir("mcnn", seed) for seed in range(3)}) == 3  # one cache entry per seed

@@ -40,19 +40,24 @@ def test_metrics_describe_the_checkpoint_of_per_image_csv_and_args_record_what_r
     summary = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "3")))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     log = _log(tmp_path)
-    best = min(log, key=lambda r: float(r["mae"]))
+    best = min(log, key=lambda r: float(r["mae"]))  # log.csv: the validation figures of every epoch
     assert saved["checkpoint"] == "best.pt" and saved["best_epoch"] == int(best["epoch"])
     assert saved["best_epoch"] == load_checkpoint(tmp_path / "best.pt")["epoch"] + 1
-    # the top-level figures are best.pt's, and so is per_image.csv; the last epoch's are under "last"
+    assert saved["validation"]["mae"] == pytest.approx(float(best["mae"]))
+    # the top-level figures are best.pt's on the test split, and so is per_image.csv; the last epoch's under "last"
     rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
+    assert len(rows) == saved["test_images"] == 3
     per_image_mae = sum(abs(float(r["pred"]) - float(r["gt"])) for r in rows) / len(rows)
-    assert saved["mae"] == pytest.approx(float(best["mae"])) == pytest.approx(per_image_mae, rel=1e-5)
-    assert saved["rmse"] == pytest.approx(float(best["rmse"])) and "mse" not in saved
+    assert saved["mae"] == pytest.approx(per_image_mae, rel=1e-5)
+    assert "rmse" in saved and "mse" not in saved
     assert saved["last"]["epoch"] == 3 and saved["last"]["mae"] == pytest.approx(float(log[-1]["mae"]))
     assert saved["mae_over_baseline"] == pytest.approx(saved["mae"] / saved["baseline_mae"])
     assert summary["mae"] == saved["mae"]
     record = json.loads((tmp_path / "args.json").read_text())
     assert record["device"] == "cpu" and record["amp"] is False and record["dtype"] == "float32"  # no autocast
+    # --val 0.1 of the 6 training images: one held out, drawn by --seed, listed in args.json
+    assert record["val"] == 0.1 and record["val_images"] == saved["validation"]["images"] and len(
+        record["val_images"]) == 1 and saved["train_images"] == 5
 
 
 def _weights(out: Path) -> dict:

@@ -20,12 +20,57 @@ class _NeverEligible(Recipe):
 def test_no_best_checkpoint_when_no_epoch_is_eligible(tiny_crowds, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     model = build("mcnn")
-    summary = fit(model, CrowdDataset.for_model(tiny_crowds / "train_data", model, crop=64),
-                  CrowdDataset.for_model(tiny_crowds / "test_data", model, max_images=2), tmp_path, epochs=1,
-                  batch_size=2, lr=1e-4, device=torch.device("cpu"), recipe=_NeverEligible())
+    train, val = CrowdDataset.for_model(tiny_crowds / "train_data", model, crop=64).holdout(0.2, 0)
+    summary = fit(model, train, val, CrowdDataset.for_model(tiny_crowds / "test_data", model, max_images=2), tmp_path,
+                  epochs=1, batch_size=2, lr=1e-4, device=torch.device("cpu"), recipe=_NeverEligible())
     assert summary["best_epoch"] is None and summary["checkpoint"] == "last.pt"
     assert (tmp_path / "last.pt").is_file() and not (tmp_path / "best.pt").exists()
     assert "no epoch was eligible for best.pt" in caplog.text
+
+
+class _Counted(Recipe):
+    """Plain training that records which images every validation call scored."""
+
+    def __init__(self):
+        self.calls = []
+
+    def validate(self, model, test_set, device, amp, epoch):
+        self.calls.append(tuple(test_set.names))
+        return super().validate(model, test_set, device, amp, epoch)
+
+
+def test_the_validation_part_chooses_and_the_test_split_is_scored_once(tiny_crowds, tmp_path):
+    import json
+
+    from utils.io import load_checkpoint
+
+    runs = {}
+    for name, test_images in (("a", 2), ("b", 3)):  # two test sets: what is chosen must not depend on them
+        model = build("mcnn", seed=3)
+        train, val = CrowdDataset.for_model(tiny_crowds / "train_data", model, crop=64).holdout(0.3, 0)
+        test = CrowdDataset.for_model(tiny_crowds / "test_data", model, max_images=test_images)
+        recipe = _Counted()
+        summary = fit(model, train, val, test, tmp_path / name, epochs=4, batch_size=2, lr=1e-3,
+                      device=torch.device("cpu"), recipe=recipe)
+        assert recipe.calls == [tuple(val.names)] * 4 + [tuple(test.names)]  # test: once, after the choice
+        assert not set(val.images) & set(train.images) and not set(val.images) & set(test.images)
+        saved = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert saved["validation"]["images"] == val.names and saved["test_images"] == test_images
+        best = min(load_checkpoint(tmp_path / name / "last.pt")["history"], key=lambda h: h["mae"])
+        assert saved["best_epoch"] == best["epoch"] and saved["validation"]["mae"] == best["mae"]
+        runs[name] = (summary["best_epoch"], load_checkpoint(tmp_path / name / "best.pt")["state_dict"])
+    assert runs["a"][0] == runs["b"][0]
+    assert all(torch.equal(v, runs["b"][1][k]) for k, v in runs["a"][1].items())
+
+
+def test_a_validation_share_that_leaves_nothing_to_train_on_is_refused(tiny_crowds):
+    import pytest
+
+    from utils.errors import ToolkitError
+
+    data = CrowdDataset.for_model(tiny_crowds / "train_data", build("mcnn"), max_images=1)
+    with pytest.raises(ToolkitError, match="leaves none to train on"):
+        data.holdout(0.1, 0)
 
 
 def test_the_cosine_schedule_follows_a_longer_run_from_where_it_stands():

@@ -23,6 +23,7 @@ from utils.errors import ToolkitError
 from utils.patch import PLACEMENTS, SHAPES, PatchSpec, PatchTransform
 from utils.plots import FORMATS as FIGURE_FORMATS
 from utils.runtime import AMP_DTYPES, configure, pick_device
+from utils.training import VALIDATION
 
 _UNSET = object()
 
@@ -86,6 +87,13 @@ def unit_interval(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def validation_share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
     return value
 
 
@@ -169,6 +177,10 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argpar
     group.add_argument("--lr", type=positive_float, default=defaults["lr"],
                        help="Adam's learning rate, cosine-annealed to 0 over --epochs")
     group.add_argument("--weight-decay", type=float, default=0.0, help="Adam's L2 weight decay")
+    group.add_argument("--val", type=validation_share, default=VALIDATION,
+                       help="share of the train split held out (a draw of --seed, listed in args.json) to validate "
+                            "every epoch and choose best.pt; the test split is evaluated once, with the checkpoint "
+                            "chosen; 0: no validation part, last.pt is kept")
     group.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (needs --out)")
     return group
 
@@ -278,9 +290,10 @@ def resolve_splits(data: Path | None, train: Path | None = None,
 
 
 def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
-                   ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset]:
-    """What every training script does first: the run folder checked, device, model, train (crops) and test sets,
-    then the run folder claimed (only once the inputs are known to be good)."""
+                   ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset | None, CrowdDataset]:
+    """What every training script does first: the run folder checked, device, model, the train split's crops and
+    its held-out validation part (`--val`, drawn by `--seed`), the test split, then the run folder claimed (only once
+    the inputs are known to be good), with the validation images recorded in args.json."""
     runs.check_out(args, script)
     train_root, test_root = resolve_splits(args.data, args.train_data, args.test_data)
     if train_root is None or test_root is None:
@@ -289,9 +302,13 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
     model = build(args.model, args.weights, seed=args.seed)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase)
+    val_set = None
+    if args.val > 0:
+        train_set, val_set = train_set.holdout(args.val, args.seed)
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-    out = run_dir(args, script, device, train_data=train_root, test_data=test_root)
-    return out, device, model, train_set, test_set
+    out = run_dir(args, script, device, train_data=train_root, test_data=test_root,
+                  val_images=None if val_set is None else val_set.names)
+    return out, device, model, train_set, val_set, test_set
 
 
 def run_dir(args: argparse.Namespace, script: str, device: torch.device | None = None, **resolved) -> Path:

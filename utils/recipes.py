@@ -180,13 +180,13 @@ def ablation_recipe(test_set: CrowdDataset, keep: int, unit: str, fill: float, w
                           generator=torch.Generator(device=device).manual_seed(rank_seed(seed)))
 
 
-def adversarial_recipe(model: torch.nn.Module, test_set: CrowdDataset, spec: PatchSpec, config: APAMConfig, *,
+def adversarial_recipe(probe_set: CrowdDataset, spec: PatchSpec, config: APAMConfig, *,
                        crop: int, attack_steps: int, kappa_spec: str | float, epochs: int, val_epochs: int,
                        val_restarts: int, seed: int, device: torch.device, amp: bool = True) -> AdversarialRecipe:
-    """Adversarial training as the scripts run it: the patch starts as noise drawn from `seed`; the validation
-    probes are fitted on `crop`-pixel crops of the test images (cheap, every epoch) and scored on the whole ones."""
+    """Adversarial training as the scripts run it: the patch starts as noise drawn from `seed`; the probes that
+    validate each epoch (and score the kept checkpoint on the test split) are fitted on `crop`-pixel crops of
+    `probe_set`'s images (the validation part: cheap, every epoch, never the test split)."""
     gen = torch.Generator().manual_seed(seed)
-    attack_set = CrowdDataset.for_model(test_set.root, model, density=test_set.density, crop=crop,
-                                        max_images=len(test_set))
+    attack_set = probe_set.subset(range(len(probe_set)), crop=crop, erase=0.0)
     return AdversarialRecipe(random_patch(spec.side, gen).to(device), spec, config, attack_steps, kappa_spec, epochs,
                              attack_set, val_epochs, val_restarts, seed, gen, amp)

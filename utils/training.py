@@ -13,10 +13,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets.crowd import CrowdDataset
+from models.weights import load_state
 from utils import distributed
 from utils.engine import evaluate, load_run_checkpoint, save_run_checkpoint, train_one_epoch
 from utils.errors import ToolkitError
-from utils.io import save_csv, save_json
+from utils.io import load_checkpoint, save_csv, save_json
 from utils.metrics import mae
 from utils.plots import curve_figure
 from utils.runtime import derived_generator, prepare_model
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # train.py's defaults: MCNN on the synthetic crowds reaches ~0.2x the mean-count baseline MAE in ~3 CPU minutes
 DEFAULTS = {"epochs": 40, "batch_size": 4, "crop": 128, "lr": 1e-3}
+VALIDATION = 0.1  # the share of a train split held out to choose the checkpoint (--val)
 
 
 class Recipe:
@@ -87,19 +89,21 @@ def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) 
         group["lr"] = base * rate(scheduler.last_epoch)
 
 
-def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset, out: Path, *, epochs: int,
-        batch_size: int, lr: float, device: torch.device, weight_decay: float = 0.0, amp: bool = True,
-        workers: int = 0, resume: bool = False, record: dict | None = None, recipe: Recipe | None = None,
-        seed: int = 0, figure_format: str = "png") -> dict:
-    """Train `model` on random crops of `train_set` by `recipe` (plain by default), validate on `test_set` every
-    epoch, keep last.pt and best.pt (lowest validation `mae`). Returns the summary also written to metrics.json: at
-    the top level the validation figures of best.pt (`best_epoch`), the checkpoint per_image.csv describes, or of
-    last.pt where no epoch was eligible for best.pt (`checkpoint` says which); the last epoch's under `last`.
+def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset | None,
+        test_set: CrowdDataset | None, out: Path, *, epochs: int, batch_size: int, lr: float, device: torch.device,
+        weight_decay: float = 0.0, amp: bool = True, workers: int = 0, resume: bool = False,
+        record: dict | None = None, recipe: Recipe | None = None, seed: int = 0, figure_format: str = "png") -> dict:
+    """Train `model` on random crops of `train_set` by `recipe` (plain by default), validate on `val_set` (a part held
+    out of the train split) every epoch, keep last.pt and best.pt (lowest validation `mae`; without `val_set`, no
+    best.pt), then evaluate the kept checkpoint once on `test_set`, which never chooses anything.
 
-    Epoch e's batch order and crops are a function of (`seed`, e): a resumed run trains exactly as an
-    uninterrupted one. Under torchrun each rank trains on its share of every epoch's order (`batch_size` crops per
-    rank and step) and DistributedDataParallel averages the gradients, so every rank holds the same weights.
-    The curves go to curves.<figure_format> and test_mae.<figure_format> (png, pdf or svg)."""
+    Returns the summary also written to metrics.json: at the top level the test figures of the kept checkpoint
+    (`checkpoint`: best.pt, or last.pt where no epoch was eligible; `best_epoch`), the rows of per_image.csv; under
+    `validation` its validation figures; under `last` the last epoch's. Epoch e's batch order and crops are a
+    function of (`seed`, e): a resumed run trains exactly as an uninterrupted one. Under torchrun each rank trains
+    on its share of every epoch's order (`batch_size` crops per rank and step) and DistributedDataParallel averages
+    the gradients, so every rank holds the same weights. The curves go to curves.<figure_format> and
+    val_mae.<figure_format> (png, pdf or svg)."""
     recipe = recipe or Recipe()
     train_counts = train_set.counts()
     model.adapt_to_counts(train_counts)
@@ -119,6 +123,9 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=order,
                           drop_last=len(train_set) > batch_size, **options)
 
+    def baseline(dataset: CrowdDataset) -> float:  # the MAE of always predicting the training mean count
+        return mae(np.full(len(dataset), train_counts.mean()), dataset.counts())
+
     start, history, best = 0, [], float("inf")
     if resume:
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
@@ -131,7 +138,7 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         objective = DistributedDataParallel(Objective(model, recipe),
                                             device_ids=[device] if device.type == "cuda" else None)
 
-    baseline = mae(np.full(len(test_set), train_counts.mean()), test_set.counts())
+    val_baseline = None if val_set is None else baseline(val_set)
     for epoch in range(start, epochs):
         step_loss = partial(recipe.loss, epoch=epoch) if objective is None else \
             (lambda _, images, targets, e=epoch: objective(images, targets, e))
@@ -140,18 +147,18 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         loss = float(distributed.all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=device)))
         distributed.sync_buffers(model)  # batch-norm statistics: rank 0's, as DDP's next forward would make them
         scheduler.step()
-        metrics, rows = recipe.validate(model, test_set, device, amp, epoch)
+        metrics = {}
+        if val_set is not None:
+            metrics, rows = recipe.validate(model, val_set, device, amp, epoch)
+            _warn_if_dead(rows)
         history.append({"epoch": epoch + 1, "loss": loss, **metrics})
         shown = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else v for k, v in metrics.items() if v != "")
-        log.info(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}  test {shown}  (mean-count baseline MAE {baseline:.2f})")
-        if rows and all(r.get("pred") == 0 for r in rows):
-            log.warning("warning: the model predicts exactly 0 everywhere (a dead final ReLU, as MCNN/CMTL's original "
-                        "init can give); try another seed or a lower learning rate")
+        log.info(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}" + (shown and f"  validation {shown}  (mean-count "
+                                                                      f"baseline MAE {val_baseline:.2f})"))
         extra = {"scheduler": scheduler.state_dict(), "recipe": recipe.state_dict(), **recipe.record()}
-        if metrics["mae"] < best:
+        if metrics.get("mae", math.nan) < best:
             best = metrics["mae"]
             save_run_checkpoint(out / "best.pt", model, optimizer, epoch, record or {}, history, best, extra)
-            save_csv(out / "per_image.csv", rows)
         save_run_checkpoint(out / "last.pt", model, optimizer, epoch, record or {}, history, best, extra)
         save_csv(out / "log.csv", history)
 
@@ -159,24 +166,41 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, test_set: CrowdDataset,
         raise ToolkitError(f"nothing to do: the run in {out} already finished {epochs} epochs")
     distributed.check_replicas("model weights", [*model.state_dict().values(), *recipe.replicated()])
     last = history[-1]
-    best_row = min((h for h in history if h["mae"] == h["mae"]), key=lambda h: h["mae"], default=None)  # NaN-safe
-    if best_row is None:  # no best.pt: per_image.csv and the top-level figures describe last.pt
-        save_csv(out / "per_image.csv", rows)
+    best_row = min((h for h in history if h.get("mae", math.nan) == h.get("mae", math.nan)),
+                   key=lambda h: h["mae"], default=None)  # NaN-safe: epochs with no validation MAE are skipped
     kept = best_row or last
+    if best_row is not None and best_row is not last:  # the test split sees the checkpoint chosen, once
+        load_state(model, load_checkpoint(out / "best.pt"), str(out / "best.pt"))
     summary = {"model": model.name, "epochs": len(history), "checkpoint": "last.pt" if best_row is None else "best.pt",
-               "best_epoch": None if best_row is None else best_row["epoch"],
-               **{k: v for k, v in kept.items() if k != "epoch"}, "baseline_mae": baseline,
-               "mae_over_baseline": kept["mae"] / max(baseline, 1e-12), "last": last,
-               "train_images": len(train_set), "test_images": len(test_set)}
+               "best_epoch": None if best_row is None else best_row["epoch"], "train_images": len(train_set)}
+    if test_set is not None:
+        metrics, rows = recipe.validate(model, test_set, device, amp, kept["epoch"] - 1)
+        save_csv(out / "per_image.csv", rows)
+        test_baseline = baseline(test_set)
+        summary.update(metrics, baseline_mae=test_baseline, test_images=len(test_set),
+                       mae_over_baseline=metrics["mae"] / max(test_baseline, 1e-12))
+    summary["validation"] = None if val_set is None else {
+        **{k: v for k, v in kept.items() if k not in ("epoch", "loss")}, "baseline_mae": val_baseline,
+        "images": val_set.names}
+    summary["last"] = last
     save_json(out / "metrics.json", summary)
     curve_figure(out / f"curves.{figure_format}", {"train loss": [h["loss"] for h in history]},
                  ylabel="training loss (epoch mean)", title=f"training loss per epoch ({model.name})")
-    curve_figure(out / f"test_mae.{figure_format}", {"test MAE": [h["mae"] for h in history],
-                                                     "mean-count baseline": [baseline] * len(history)},
-                 ylabel="MAE (people)", title=f"test MAE per epoch ({model.name}, {plural(len(test_set), 'image')})")
-    if best_row is None:  # e.g. adversarial training with kappa 1 throughout: no epoch may become best.pt
-        log.info("no epoch was eligible for best.pt (validation MAE undefined); only last.pt was written")
-    else:
-        log.info(f"best.pt (epoch {best_row['epoch']}): test MAE {best_row['mae']:.2f} vs mean-count baseline "
-                 f"{baseline:.2f} (ratio {summary['mae_over_baseline']:.3f}); last epoch: test MAE {last['mae']:.2f}")
+    if val_set is not None:
+        curve_figure(out / f"val_mae.{figure_format}", {"validation MAE": [h["mae"] for h in history],
+                                                        "mean-count baseline": [val_baseline] * len(history)},
+                     ylabel="MAE (people)",
+                     title=f"validation MAE per epoch ({model.name}, {plural(len(val_set), 'image')})")
+    chosen = ("no epoch was eligible for best.pt (validation MAE undefined): last.pt is kept" if best_row is None and
+              val_set is not None else "no validation part: last.pt is kept" if best_row is None else
+              f"best.pt (epoch {best_row['epoch']}, validation MAE {best_row['mae']:.2f})")
+    if test_set is not None:
+        chosen += f"; test MAE {summary['mae']:.2f} vs mean-count baseline {summary['baseline_mae']:.2f}"
+    log.info(chosen)
     return summary
+
+
+def _warn_if_dead(rows: list[dict]) -> None:
+    if rows and all(r.get("pred") == 0 for r in rows):
+        log.warning("warning: the model predicts exactly 0 everywhere (a dead final ReLU, as MCNN/CMTL's original "
+                    "init can give); try another seed or a lower learning rate")

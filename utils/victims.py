@@ -12,7 +12,6 @@ from the init of the next attempt (`init_seed`), with the same crops, order and 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -27,13 +26,12 @@ from models import build
 from utils import distributed
 from utils.errors import ToolkitError
 from utils.runtime import cache_dir
-from utils.training import DEFAULTS, Recipe, fit
+from utils.training import DEFAULTS, VALIDATION, Recipe, fit
 
 log = logging.getLogger(__name__)
 
 RECIPE = 4  # bump when the training recipe or its random draws change (the synthetic set has its own version)
 ERASE = 0.5  # random erasing with noise: the victim should count heads, not busy texture
-VALIDATION = 0.1  # the share of the train split held out to pick the epoch kept
 ATTEMPTS = 5  # fresh inits tried when the model dies (predicts 0 everywhere)
 
 
@@ -48,22 +46,6 @@ def synthetic_victim(name: str = "mcnn", device: torch.device | None = None, see
 def victim_dir(name: str = "mcnn", seed: int = 0) -> Path:
     """Where the victim of `name` and `seed` is cached."""
     return cache_dir() / "victims" / f"{name}-synthetic{SYNTHETIC_VERSION}-recipe{RECIPE}-seed{seed}"
-
-
-def validation_split(dataset: CrowdDataset, seed: int) -> tuple[CrowdDataset, CrowdDataset]:
-    """(training part, validation part) of `dataset`: a `VALIDATION` share of its images drawn by `seed`, each part
-    keeping the image order of the split."""
-    n = len(dataset)
-    held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(1, round(VALIDATION * n))]
-               .tolist())
-    return _subset(dataset, [i for i in range(n) if i not in held]), _subset(dataset, sorted(held))
-
-
-def _subset(dataset: CrowdDataset, indices: list[int]) -> CrowdDataset:
-    part = copy.copy(dataset)
-    part.images = [dataset.images[i] for i in indices]
-    part._cache = {} if dataset._cache is not None else None  # keyed by index: a part needs its own
-    return part
 
 
 def init_seed(seed: int, attempt: int) -> int:
@@ -93,13 +75,12 @@ def _cached_victim(name: str, device: torch.device | None, seed: int) -> Path:
     data = ensure_synthetic()
     for attempt in range(ATTEMPTS):
         model = build(name, seed=init_seed(seed, attempt))
-        train_set, val_set = validation_split(
-            CrowdDataset.for_model(data / "train_data", model, crop=DEFAULTS["crop"], erase=ERASE), seed)
-        val_set.crop, val_set.erase = None, 0.0  # whole images, as the test split is scored
+        train_set, val_set = CrowdDataset.for_model(data / "train_data", model, crop=DEFAULTS["crop"],
+                                                    erase=ERASE).holdout(VALIDATION, seed)
         tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
         try:
-            fit(model, train_set, val_set, tmp, epochs=DEFAULTS["epochs"], batch_size=DEFAULTS["batch_size"],
+            fit(model, train_set, val_set, None, tmp, epochs=DEFAULTS["epochs"], batch_size=DEFAULTS["batch_size"],
                 lr=DEFAULTS["lr"], device=device or torch.device("cpu"), seed=seed, recipe=_Watched(),
                 record={"victim": name, "erase": ERASE, "seed": seed, "init_seed": init_seed(seed, attempt),
                         "validation": {"share": VALIDATION, "images": val_set.names}, **DEFAULTS})
