@@ -1,7 +1,10 @@
 """Receptive-field certificates are sound: no patch content, placement or optimised attack, and no values written
 into the cells a patch can reach, ever takes the certified counter outside [L, U]."""
+import dataclasses
+import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from models.receptive_field import ReceptiveField, receptive_field
 from utils.attack import APAM, APAMConfig
 from utils.errors import ToolkitError
 from utils.patch import PatchSpec, PatchTransform, random_patch, sweep_centers
-from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier, calibrate, window_sums
+from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier, calibrate, fit_refill, window_sums
 
 TOL = 1e-6  # float32 densities, float64 sums
 
@@ -27,7 +30,9 @@ def _certifiers(model, images, sides) -> list:
         clean = model(images).clamp_min(0)
     dmax = float(clean.quantile(0.9))  # low on purpose: clipping must bite
     calibration = Calibration(dmax, {s: 0.5 * float(clean.sum()) / len(images) for s in sides})
-    return [RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration)]
+    fitted = [dataclasses.replace(calibration, slope={s: a for s in sides}, refill="fitted") for a in (1.7, 0.3)]
+    return [RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration),
+            *(RFMaskCertifier(rf, f) for f in fitted)]  # rf-mask with a constant refill, and fitted slopes
 
 
 def _inside(certifier, model, clean: torch.Tensor, attacked: torch.Tensor, side: int) -> None:
@@ -100,7 +105,9 @@ def test_any_values_written_into_a_reachable_window_stay_inside():
     clean = torch.rand(2, 1, 11, 14, generator=gen) * (torch.rand(2, 1, 11, 14, generator=gen) > 0.5)
     dmax = 0.6
     calibration = Calibration(dmax, {side: 1.7})
-    for certifier in (RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration)):
+    for certifier in (RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration),
+                      RFMaskCertifier(rf, Calibration(dmax, {side: -0.4}, slope={side: 2.5})),
+                      RFMaskCertifier(rf, Calibration(dmax, {side: 3.0}, slope={side: 0.0}))):
         bounds = certifier.certify_batch(lambda _, m=clean: m, clean, [side])
         high = dmax if certifier.method == "rf-clip" else 10.0
         for top in range(11 - w + 1):
@@ -138,6 +145,46 @@ def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
         Calibration.load(tmp_path / "bad.json")
     with pytest.raises(ToolkitError, match="no rf-mask constant for 30 px"):
         RFMaskCertifier(rf, calibration).certify_batch(model, torch.rand(1, 3, 64, 64), [30])
+    assert calibration.refill == "fitted" and set(calibration.slope) == {10, 20}
+    assert all(a >= 0 for a in calibration.slope.values())
+    constant = calibrate(model, split, rf, [10], torch.device("cpu"), amp=False, refill="constant")
+    assert constant.slope == {} and constant.dmax == calibration.dmax
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    (tmp_path / "negative.json").write_text(json.dumps({**saved, "slope": {"10": -1.0}}))
+    with pytest.raises(ToolkitError, match="negative rf-mask slope"):
+        Calibration.load(tmp_path / "negative.json")
+    for bad, message in (({"slope": {"10": float("inf"), "20": 1.0}}, "slope of side 10 must be a finite number"),
+                         ({"c": {"10": "2.5", "20": 1.0}}, "c of side 10 must be a finite number"),
+                         ({"dmax": True}, "dmax must be a finite number"), ({"dmax": -1.0}, "dmax must be positive"),
+                         ({"quantile": 5}, "the quantile in"), ({"refill": "bogus"}, "unknown refill"),
+                         ({"slope": {"10": 1.0}}, "a slope for every side")):
+        (tmp_path / "bad.json").write_text(json.dumps({**saved, **bad}))
+        with pytest.raises(ToolkitError, match=message):
+            Calibration.load(tmp_path / "bad.json")
+    old = {k: v for k, v in saved.items() if k not in ("slope", "refill")}  # a calibration from before the refill
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert RFMaskCertifier(rf, Calibration.load(tmp_path / "old.json"))._refill(10) == (1.0, calibration.c[10])
+
+
+def _certified_error(a: float, c: float, low, high, gt) -> float:
+    return float(np.maximum(np.abs(a * low + c - gt), np.abs(a * high + c - gt)).sum())
+
+
+def test_the_fitted_refill_is_the_best_affine_refill_on_its_split():
+    """`fit_refill` against a brute-force search over (a, c): no grid point certifies the split with a smaller
+    summed error, and a stays non-negative (the certificate needs a monotone counter) even when the data pull the
+    other way."""
+    gen = np.random.default_rng(0)
+    u = gen.uniform(0, 100, 60)
+    low, high = u - gen.uniform(0, 10, 60), u + gen.uniform(0, 10, 60)
+    for gt in (1.4 * u + 5 + gen.normal(0, 3, 60), 80 - 0.5 * u + gen.normal(0, 3, 60)):  # an undercount; a < 0
+        a, c = fit_refill(low, high, gt)
+        assert a >= 0
+        best = _certified_error(a, c, low, high, gt)
+        grid = min(_certified_error(ga, gc, low, high, gt) for ga in np.linspace(0, 2, 81)
+                   for gc in np.linspace(-20, 120, 141))
+        assert best <= grid + 1e-6
+    assert fit_refill(low, high, 1.4 * u + 5 + gen.normal(0, 3, 60))[0] == pytest.approx(1.4, abs=0.1)
 
 
 # Soundness at the toolkit's defaults: the real patch engine (default rotation and scale, bilinear rim) at the
@@ -188,7 +235,8 @@ def test_adversarial_counters_at_the_default_sides_stay_inside(pool_counter, fie
         assert max(max(s) for s in spans) >= w - 1, (size, w)  # the bound is nearly reached: the test can see it
         side = RFMaskCertifier.covered_side(spec)
         calibration = Calibration(1.0, {side: 0.5})
-        for certifier in (RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration)):
+        for certifier in (RFClipCertifier(rf, calibration), RFMaskCertifier(rf, calibration),
+                          RFMaskCertifier(rf, Calibration(1.0, {side: -0.5}, slope={side: 1.6}))):
             _inside(certifier, model, images[:1], attacked, side)
 
 

@@ -6,12 +6,16 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
 
 - rf-clip: the counter C = Σ clamp(d, 0, dmax). The window's cells stay in [0, dmax] under attack, so
   C' ∈ [C − max S_w, C + max (dmax·|w| − S_w)] (S on the clipped map).
-- rf-mask: the counter M = T − max S_w + c (d clamped at 0, c a constant). With w* the window the patch reaches:
-  max S' ≥ S'_{w*} gives M' ≤ T − S_{w*} + c ≤ T − min S + c; every S'_w ≤ S_w + S'_{w*} gives
-  max S' ≤ max S + S'_{w*}, so M' ≥ T − 2 max S + c.
+- rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped at 0), and
+  a ≥ 0, c constants per side. With w* the window the patch reaches: max S' ≥ S'_{w*} gives
+  u' ≤ T − S_{w*} ≤ T − min S; every S'_w ≤ S_w + S'_{w*} gives max S' ≤ max S + S'_{w*}, so u' ≥ T − 2 max S.
+  M is non-decreasing in u, so M' ∈ [a(T − 2 max S) + c, a(T − min S) + c]. The refill M − u = (a − 1)u + c
+  depends on the image (through u) and is bounded by the same proof.
 
 Both hold for every placement and every patch content, with no probability of failure. dmax (a high quantile of the
-cells) and c (the mean of max S_w, per side) come from a train split (`calibrate`).
+cells) and a, c come from a train split (`calibrate`): the `constant` refill is a = 1 with c the mean of max S_w; the
+`fitted` one is the (a ≥ 0, c) minimising the sum over the train images of the certified error
+max(|L − gt|, |U − gt|), a linear programme (`fit_refill`), which also undoes a uniform under- or overcount.
 
 The side s certified is the patch's extent (`PatchSpec.extent_side`): every pixel the toolkit's patch can change, under
 every rotation, scale, sub-pixel placement and its bilinear rim, lies in one axis-aligned s×s square. The certified
@@ -38,6 +42,7 @@ from utils.io import save_json
 from utils.runtime import autocast, float32, progress
 
 DMAX_QUANTILE = 0.999
+REFILLS = ("fitted", "constant")  # rf-mask's (a, c): fitted on the calibration split, or a = 1 and a mean
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
 
 
@@ -58,7 +63,8 @@ def window_sums(density: torch.Tensor, w: int, integral: torch.Tensor | None = N
 @dataclass(frozen=True)
 class Calibration:
     """Constants of the receptive-field counters, measured on a train split: `dmax` (rf-clip's clip, the
-    `quantile` of the clean cells) and `c` (rf-mask's constant per certified side: the mean largest window sum)."""
+    `quantile` of the clean cells) and, per certified side, rf-mask's intercept `c` and `slope` a (M = a·u + c;
+    a side absent from `slope` has a = 1), with the `refill` rule that chose them."""
 
     dmax: float
     c: dict[int, float]
@@ -66,20 +72,40 @@ class Calibration:
     split: str = ""
     images: int = 0
     receptive_field: dict = field(default_factory=dict)
+    slope: dict[int, float] = field(default_factory=dict)
+    refill: str = "constant"
 
     def save(self, path: Path) -> Path:
-        return save_json(path, {**asdict(self), "c": {str(s): v for s, v in self.c.items()}})
+        return save_json(path, {**asdict(self), "c": {str(s): v for s, v in self.c.items()},
+                                "slope": {str(s): v for s, v in self.slope.items()}})
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
         try:
             d = json.loads(Path(path).read_text())
-            return cls(float(d["dmax"]), {int(s): float(v) for s, v in d["c"].items()}, float(d["quantile"]),
-                       d.get("split", ""), int(d.get("images", 0)), d.get("receptive_field", {}))
+            per_side = {key: {int(s): _number(v, f"{key} of side {s}") for s, v in d.get(key, {}).items()}
+                        for key in ("c", "slope")}
+            calibration = cls(_number(d["dmax"], "dmax"), per_side["c"], _number(d["quantile"], "quantile"),
+                              str(d.get("split", "")), int(d.get("images", 0)), d.get("receptive_field", {}),
+                              per_side["slope"], d.get("refill", "constant"))
+            calibration.check()
+            return calibration
         except FileNotFoundError:
             raise ToolkitError(f"calibration file not found: {path}") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ToolkitError(f"{path} is not a calibration of this toolkit: {e}") from None
+
+    def check(self) -> None:
+        """Raise ValueError unless every constant is one the certificates hold for."""
+        if not self.dmax > 0 or not 0 < self.quantile <= 1:
+            raise ValueError(f"dmax must be positive and the quantile in (0, 1], got {self.dmax} and {self.quantile}")
+        if self.refill not in REFILLS:
+            raise ValueError(f"unknown refill {self.refill!r}")
+        if any(a < 0 for a in self.slope.values()):
+            raise ValueError(f"a negative rf-mask slope {self.slope} (the certificate needs a ≥ 0)")
+        if self.refill == "fitted" and set(self.slope) != set(self.c):
+            raise ValueError(f"a fitted refill needs a slope for every side: c has {sorted(self.c)}, slope "
+                             f"{sorted(self.slope)}")
 
     def check_field(self, rf: ReceptiveField, path: Path | str = "the calibration") -> Calibration:
         """This calibration, if it was measured for a model with receptive field `rf`; else an error."""
@@ -89,6 +115,13 @@ class Calibration:
         return self
 
 
+def _number(value: object, name: str) -> float:
+    """`value` as a finite float; a string, a bool, NaN or an infinity is a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def load_calibration(path: Path, rf: ReceptiveField) -> Calibration:
     """A saved calibration, checked against the receptive field of the model it will certify."""
     return Calibration.load(path).check_field(rf, path)
@@ -96,26 +129,58 @@ def load_calibration(path: Path, rf: ReceptiveField) -> Calibration:
 
 @torch.no_grad()
 def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int], device: torch.device,
-              quantile: float = DMAX_QUANTILE, amp: bool = True, batch_size: int = 4) -> Calibration:
-    """dmax and c of `model` on the whole images of `dataset` (a train split), for patches of each of `sides`."""
+              quantile: float = DMAX_QUANTILE, amp: bool = True, batch_size: int = 4,
+              refill: str = "fitted") -> Calibration:
+    """dmax and rf-mask's (a, c) of `model` on the whole images of `dataset` (a train split), for patches of each of
+    `sides`; `refill`: `fitted` (`fit_refill`) or `constant` (a = 1, c the mean largest window sum)."""
     if len(dataset) == 0:
         raise ToolkitError(f"the calibration split {dataset.root} holds no images")
     if not 0 < quantile <= 1:
         raise ToolkitError(f"the clip quantile must lie in (0, 1], got {quantile}")
-    cells, largest = [], {s: [] for s in sides}
-    for _, (images, _, _) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
+    if refill not in REFILLS:
+        raise ToolkitError(f"unknown refill {refill!r}; choose from {', '.join(REFILLS)}")
+    cells, rows = [], []  # rows: per image (gt, T, then max and min S_w per side)
+    for _, (images, _, counts) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
         with autocast(device, amp):
             density = model(images.to(device)).float().clamp_min(0)
         cells.append(density.flatten().cpu().numpy())
+        columns = [counts.double().to(device), density.double().sum((1, 2, 3))]
         for s in sides:
-            largest[s] += window_sums(density, rf.window(s)).flatten(1).amax(1).tolist()
+            sums = window_sums(density, rf.window(s)).flatten(1)
+            columns += [sums.amax(1), sums.amin(1)]
+        rows += torch.stack(columns, 1).cpu().tolist()
     cells = distributed.gather(cells)  # under torchrun each rank saw its share of the images
-    largest = {s: distributed.gather(v) for s, v in largest.items()}  # mean of the sorted sums: any order agrees
+    rows = np.array(sorted(distributed.gather(rows)))  # sorted: any order of the images gives the same constants
     dmax = float(np.quantile(np.concatenate(cells), quantile))
     if not dmax > 0:
         raise ToolkitError(f"the model predicts no density on {dataset.root}: nothing to calibrate the clip on")
-    return Calibration(dmax, {s: float(np.mean(np.sort(v))) for s, v in largest.items()}, quantile, str(dataset.root),
-                       len(dataset), asdict(rf))
+    gt, total = rows[:, 0], rows[:, 1]
+    c, slope = {}, {}
+    for k, s in enumerate(sides):
+        largest, smallest = rows[:, 2 + 2 * k], rows[:, 3 + 2 * k]
+        if refill == "constant":
+            c[s] = float(np.mean(largest))
+        else:
+            slope[s], c[s] = fit_refill(total - 2 * largest, total - smallest, gt)
+    return Calibration(dmax, c, quantile, str(dataset.root), len(dataset), asdict(rf), slope, refill)
+
+
+def fit_refill(low: np.ndarray, high: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """The (a ≥ 0, c) minimising Σ_i max(|a·low_i + c − gt_i|, |a·high_i + c − gt_i|): with low ≤ high, the
+    certified errors of M = a·u + c over images whose u lies in [low, high] under attack. A linear programme in
+    (a, c, e_i): minimise Σ e_i with e_i ≥ gt_i − a·low_i − c and e_i ≥ a·high_i + c − gt_i (for a ≥ 0 these two
+    imply the other two sides of the absolute values)."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    n = len(gt)
+    ones, eye = np.ones((n, 1)), sparse.identity(n)
+    a_ub = sparse.bmat([[-low[:, None], -ones, -eye], [high[:, None], ones, -eye]], format="csr")
+    result = linprog(np.r_[0.0, 0.0, np.ones(n)], A_ub=a_ub, b_ub=np.r_[-gt, gt],
+                     bounds=[(0, None), (None, None)] + [(0, None)] * n, method="highs")
+    if result.status != 0:
+        raise ToolkitError(f"the rf-mask refill could not be fitted: {result.message}")
+    return float(result.x[0]), float(result.x[1])
 
 
 class _WindowCertifier(Certifier):
@@ -138,6 +203,10 @@ class _WindowCertifier(Certifier):
     def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _gain(self, side: int) -> float:
+        """How much the counter for `side` multiplies the density's sums by (at least 1)."""
+        return 1.0
+
     def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -149,8 +218,9 @@ class _WindowCertifier(Certifier):
             columns.update(self._columns(density, integral, s))
             widths[s] = density.shape[-1] - min(self.rf.window(s), density.shape[-1]) + 1
         slack = FLOAT_TOLERANCE * (integral[:, -1, -1] + 1)
-        for s in sides:
-            columns[f"L{s}"], columns[f"U{s}"] = columns[f"L{s}"] - slack, columns[f"U{s}"] + slack
+        for s in sides:  # the rounding of the sums, scaled as the counter scales them
+            gain = self._gain(s)
+            columns[f"L{s}"], columns[f"U{s}"] = columns[f"L{s}"] - gain * slack, columns[f"U{s}"] + gain * slack
         values = torch.stack([c.double() for c in columns.values()], dim=1).cpu().tolist()  # one transfer
         rows = []
         for per_image in values:
@@ -198,19 +268,24 @@ class RFMaskCertifier(_WindowCertifier):
     method = "rf-mask"
     count_per_side = True
 
-    def _constant(self, side: int) -> float:
+    def _refill(self, side: int) -> tuple[float, float]:
+        """(a, c) of the counter for `side`: M = a·(T − max S_w) + c."""
         if side not in self.calibration.c:
             raise ToolkitError(f"the calibration holds no rf-mask constant for {side} px patches "
                                f"(it has {sorted(self.calibration.c)}); calibrate again with this side")
-        return self.calibration.c[side]
+        return self.calibration.slope.get(side, 1.0), self.calibration.c[side]
 
     def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
         return self._forward(model, images).clamp_min(0)
 
+    def _gain(self, side: int) -> float:
+        return max(1.0, self._refill(side)[0])
+
     def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
         """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
-        its densest window zeroed and c spread evenly. Differentiable almost everywhere (where the window is fixed)."""
-        c, density = self._constant(side), self._clean(model, images)
+        its densest window zeroed, times a, and c spread evenly. Differentiable almost everywhere (where the window is
+        fixed)."""
+        (a, c), density = self._refill(side), self._clean(model, images)
         n, _, h, w = density.shape
         kh, kw = min(self.rf.window(side), h), min(self.rf.window(side), w)
         at = window_sums(density.detach(), self.rf.window(side)).flatten(1).argmax(dim=1)
@@ -218,19 +293,20 @@ class RFMaskCertifier(_WindowCertifier):
         top, left = (at // (w - kw + 1)).view(n, 1, 1), (at % (w - kw + 1)).view(n, 1, 1)
         inside = ((rows.view(1, h, 1) >= top) & (rows.view(1, h, 1) < top + kh)
                   & (cols.view(1, 1, w) >= left) & (cols.view(1, 1, w) < left + kw))
-        return density * (~inside).unsqueeze(1) + c / (h * w)
+        return a * density * (~inside).unsqueeze(1) + c / (h * w)
 
     def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
-        c = self._constant(side)
+        a, c = self._refill(side)
         sums, total = window_sums(density, self.rf.window(side), integral).flatten(1), integral[:, -1, -1]
         largest, hide_at = sums.max(dim=1)
         smallest, add_at = sums.min(dim=1)
-        return {f"count{side}": total - largest + c, f"L{side}": total - 2 * largest + c,
-                f"U{side}": total - smallest + c, f"hide{side}": hide_at, f"add{side}": add_at}
+        return {f"count{side}": a * (total - largest) + c, f"L{side}": a * (total - 2 * largest) + c,
+                f"U{side}": a * (total - smallest) + c, f"hide{side}": hide_at, f"add{side}": add_at}
 
     def settings(self) -> dict:
-        return {"method": self.method, "receptive_field": asdict(self.rf),
-                "c": {str(s): v for s, v in self.calibration.c.items()}}
+        return {"method": self.method, "receptive_field": asdict(self.rf), "refill": self.calibration.refill,
+                "c": {str(s): v for s, v in self.calibration.c.items()},
+                "slope": {str(s): self.calibration.slope.get(s, 1.0) for s in self.calibration.c}}
 
 
 def window_box(rf: ReceptiveField, side: int, cell: list[int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
