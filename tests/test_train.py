@@ -49,6 +49,7 @@ def test_metrics_describe_the_checkpoint_of_per_image_csv_and_args_record_what_r
     assert len(rows) == saved["test_images"] == 3
     per_image_mae = sum(abs(float(r["pred"]) - float(r["gt"])) for r in rows) / len(rows)
     assert saved["mae"] == pytest.approx(per_image_mae, rel=1e-5)
+    assert saved["bias"] == pytest.approx(sum(float(r["pred"]) - float(r["gt"]) for r in rows) / len(rows), rel=1e-5)
     assert "rmse" in saved and "mse" not in saved
     assert saved["last"]["epoch"] == 3 and saved["last"]["mae"] == pytest.approx(float(log[-1]["mae"]))
     assert saved["mae_over_baseline"] == pytest.approx(saved["mae"] / saved["baseline_mae"])

@@ -43,9 +43,11 @@ class Recipe:
 
     def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
                  epoch: int) -> tuple[dict, list[dict]]:
-        """(metrics to log, with the `mae` that picks best.pt, and per-image rows)."""
+        """(metrics to log, with the `mae` that picks best.pt, and per-image rows); `bias` is the mean signed error
+        (negative: the model undercounts)."""
         metrics, rows, _ = evaluate(model, test_set, device, amp)
-        return {"mae": metrics["mae"], "rmse": metrics["rmse"]}, rows
+        bias = sum(r["pred"] - r["gt"] for r in rows) / max(len(rows), 1)
+        return {"mae": metrics["mae"], "rmse": metrics["rmse"], "bias": bias}, rows
 
     def state_dict(self) -> dict:
         return {}
