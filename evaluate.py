@@ -14,6 +14,7 @@ from utils import cli, runs
 from utils.engine import evaluate
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
+from utils.metrics import by_count
 from utils.plots import density_figure
 from utils.runtime import pick_device, prepare_model
 from utils.text import plural
@@ -50,7 +51,8 @@ def main(args: argparse.Namespace) -> dict:
     model = prepare_model(model, device)
 
     metrics, rows, maps = evaluate(model, dataset, device, args.amp, keep_maps=args.figures, weights=args.weights)
-    metrics.update(model=args.model, weights=str(args.weights), data=str(split))
+    metrics.update(model=args.model, weights=str(args.weights), data=str(split),
+                   by_count=by_count([r["pred"] for r in rows], [r["gt"] for r in rows]))
     save_csv(out / "per_image.csv", rows)
     save_json(out / "metrics.json", metrics)
     for row, (image, target, pred) in zip(rows, maps, strict=False):
@@ -58,6 +60,9 @@ def main(args: argparse.Namespace) -> dict:
                        [("ground-truth density", target), ("prediction", pred)], row["image"], truth=row["gt"])
     print(f"{plural(len(rows), 'image')}  MAE {metrics['mae']:.2f}  RMSE {metrics['rmse']:.2f}  "
           f"GAME(1..3) {metrics['game1']:.2f} / {metrics['game2']:.2f} / {metrics['game3']:.2f}  -> {out}")
+    print("by ground-truth count: " + ";  ".join(
+        f"{b['gt_from']}–{b['gt_below'] or ''}: {plural(b['images'], 'image')}, MAE {b['mae']:.1f}, bias "
+        f"{b['bias']:+.1f}" for b in metrics["by_count"]))
     return metrics
 
 

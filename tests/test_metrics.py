@@ -54,3 +54,17 @@ def test_game0_is_absolute_count_error_and_grows_with_level():
     pred[0, 0], gt[7, 7] = 3.0, 3.0  # right count, wrong place
     assert game(pred, gt, 0) == pytest.approx(0.0)
     assert game(pred, gt, 1) == pytest.approx(6.0)
+
+
+def test_errors_by_ground_truth_count_partition_the_images():
+    from utils.metrics import by_count
+
+    gt = [10, 49, 50, 120, 450, 800]
+    pred = [12, 45, 50, 100, 400, 700]
+    bins = by_count(pred, gt)
+    assert [(b["gt_from"], b["gt_below"], b["images"]) for b in bins] == [
+        (0, 50, 2), (50, 100, 1), (100, 200, 1), (400, None, 2)]  # 200-400 holds no image: left out
+    assert bins[0]["mae"] == 3.0 and bins[0]["bias"] == -1.0
+    assert bins[-1]["bias"] == -75.0 and sum(b["images"] for b in bins) == len(gt)
+    total = sum(b["mae"] * b["images"] for b in bins) / len(gt)  # the bins' MAEs recombine into the MAE
+    assert abs(total - sum(abs(p - g) for p, g in zip(pred, gt)) / len(gt)) < 1e-12

@@ -36,3 +36,21 @@ def _cell_index(n: int, cells: int, device) -> torch.Tensor:
 
 def summarize(pred, gt) -> dict[str, float]:
     return {"mae": mae(pred, gt), "rmse": rmse(pred, gt)}
+
+
+COUNT_BINS = (50, 100, 200, 400)  # ground-truth counts where ShanghaiTech's scenes change character
+
+
+def by_count(pred, gt, edges: tuple[int, ...] = COUNT_BINS) -> list[dict]:
+    """MAE and mean signed error (`bias`, negative: undercounting) of the images whose ground truth lies in each
+    interval [edges[i-1], edges[i]) (the first from 0, the last open); intervals with no image are left out."""
+    pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+    bounds = [0, *edges, np.inf]
+    rows = []
+    for low, high in zip(bounds[:-1], bounds[1:], strict=True):
+        inside = (gt >= low) & (gt < high)
+        if inside.any():
+            error = pred[inside] - gt[inside]
+            rows.append({"gt_from": low, "gt_below": None if high == np.inf else high, "images": int(inside.sum()),
+                         "mae": float(np.abs(error).mean()), "bias": float(error.mean())})
+    return rows
