@@ -1,5 +1,7 @@
-"""Plot the certified trade-off of several `certify.py` runs: for each run (a model and a method) and patch side,
-the certified counter's clean MAE against its tight-MAE (the worst case any patch of that side can force).
+"""Plot the certified trade-off of several `certify.py` runs of one test split: for each run (a model and a method)
+and patch side, the certified counter's clean MAE against its tight-MAE (the worst case any patch of that side can
+force), with the floor of each side (the mean most heads under any s×s square: what a patch can hide from an exact
+counter).
 
     python tradeoff.py runs/certify/mcnn_B runs/certify/smallfield_B --out tradeoff.png
     python tradeoff.py A B --labels "MCNN (real B weights)" "SmallField" --sides 20 40 81 --out tradeoff.pdf
@@ -45,19 +47,30 @@ def run_points(folder: Path, sides: list[int] | None) -> tuple[str, dict[int, tu
     return f"{folder.name} ({record.get('model', '?')}, {metrics['method']})", points
 
 
+def run_floors(folder: Path, sides: list[int] | None) -> dict[int, float]:
+    """Per side, the floor a certify run recorded (the mean most heads under any s×s square of its test split)."""
+    metrics = load_json(folder / "metrics.json")
+    return {int(s): float(m["floor"]) for s, m in metrics["patch_sizes"].items()
+            if m.get("floor") is not None and (sides is None or int(s) in sides)}
+
+
 def main(args: argparse.Namespace) -> Path:
     runs.claim_file(args.out, (".png", ".pdf", ".svg"), args.overwrite)
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise ToolkitError(f"--labels gives {len(args.labels)} labels for {len(args.runs)} runs")
-    points = {}
+    points, floors = {}, {}
     for k, folder in enumerate(args.runs):
         label, per_side = run_points(folder, args.sides)
+        for side, floor in run_floors(folder, args.sides).items():
+            if abs(floors.setdefault(side, floor) - floor) > 1e-6:
+                raise ToolkitError(f"{folder} has another floor at {side} px ({floor:.2f}, not {floors[side]:.2f}): "
+                                   "the runs certify different test splits; plot each split on its own")
         label = args.labels[k] if args.labels else label
         if label in points:
             raise ToolkitError(f"two runs are labelled {label!r}; give --labels")
         points[label] = per_side
         print(f"{folder}: " + ", ".join(f"{s} px clean {c:.2f} tight {t:.2f}" for s, (c, t) in per_side.items()))
-    path = tradeoff_figure(args.out, points)
+    path = tradeoff_figure(args.out, points, floors)
     print(f"-> {path}")
     return path
 

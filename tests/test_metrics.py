@@ -67,4 +67,4 @@ def test_errors_by_ground_truth_count_partition_the_images():
     assert bins[0]["mae"] == 3.0 and bins[0]["bias"] == -1.0
     assert bins[-1]["bias"] == -75.0 and sum(b["images"] for b in bins) == len(gt)
     total = sum(b["mae"] * b["images"] for b in bins) / len(gt)  # the bins' MAEs recombine into the MAE
-    assert abs(total - sum(abs(p - g) for p, g in zip(pred, gt)) / len(gt)) < 1e-12
+    assert abs(total - sum(abs(p - g) for p, g in zip(pred, gt, strict=True)) / len(gt)) < 1e-12

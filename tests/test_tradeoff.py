@@ -15,8 +15,8 @@ def _run(folder, method: str, sides: dict, counter=None):
 
 
 def test_points_per_side_and_the_figure(tmp_path):
-    mask = _run(tmp_path / "mask", "rf-mask", {"20": {"mae": 30.0, "tight_mae": 40.0},
-                                               "40": {"mae": 31.0, "tight_mae": 45.0}})
+    mask = _run(tmp_path / "mask", "rf-mask", {"20": {"mae": 30.0, "tight_mae": 40.0, "floor": 4.4},
+                                               "40": {"mae": 31.0, "tight_mae": 45.0, "floor": 8.5}})
     clip = _run(tmp_path / "clip", "rf-clip", {"20": {"tight_mae": 90.0}, "40": {"tight_mae": float("nan")},
                                                "81": {"tight_mae": None}},  # null: how save_json writes NaN
                 counter={"mae": 19.0})
@@ -26,6 +26,10 @@ def test_points_per_side_and_the_figure(tmp_path):
     out = tradeoff.main(tradeoff.get_args_parser().parse_args([str(mask), str(clip), "--out",
                                                               str(tmp_path / "t.png")]))
     assert Image.open(out).size[0] > 300
+    assert tradeoff.run_floors(mask, None) == {20: 4.4, 40: 8.5} and tradeoff.run_floors(clip, None) == {}
+    other = _run(tmp_path / "other", "rf-mask", {"20": {"mae": 30.0, "tight_mae": 40.0, "floor": 6.7}})
+    with pytest.raises(Exception, match="another floor at 20 px"):
+        tradeoff.main(tradeoff.get_args_parser().parse_args([str(mask), str(other), "--out", str(tmp_path / "u.png")]))
 
 
 def test_bad_input(tmp_path, cli_error):

@@ -240,7 +240,8 @@ def bar_figure(path: str | Path, groups: dict[str, dict[str, float]], ylabel: st
     return _save(_bar_fig(groups, ylabel, title, xlabel), path)
 
 
-def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str = "") -> Figure:
+def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str = "",
+                  floors: dict[int, float] | None = None) -> Figure:
     fig, ax = plt.subplots(figsize=(5.6, 4.2), layout="constrained")
     markers, values = "osD^v<>p", []
     sides = sorted({side for per_side in points.values() for side in per_side})
@@ -255,6 +256,11 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str 
         values.append((max(xs), max(ys)))
     right, top = 1.15 * max(x for x, _ in values), 1.1 * max(y for _, y in values)
     ax.plot([0, right], [0, right], "k:", lw=0.8, label="worst case = clean error")
+    for side, floor in sorted((floors or {}).items()):  # no counter's worst case can lie below it
+        if side in sides:
+            ax.axhline(floor, color="0.5", ls="--", lw=0.7)
+            ax.annotate(f"floor {side} px", (0, floor), textcoords="offset points", xytext=(3, 2), fontsize=6,
+                        color="0.35")
     ax.set_xlim(0, right)
     ax.set_ylim(0, top)
     ax.set_xlabel("clean MAE of the certified counter")
@@ -265,7 +271,9 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str 
     return fig
 
 
-def tradeoff_figure(path: str | Path, points: dict[str, dict[int, tuple[float, float]]], title: str = "") -> Path:
+def tradeoff_figure(path: str | Path, points: dict[str, dict[int, tuple[float, float]]], floors: dict[int, float] |
+                    None = None, title: str = "") -> Path:
     """Per model (a line) and patch side (a marker): the certified counter's clean MAE against its tight-MAE, both
-    axes from 0, with the diagonal where the certified worst case equals the clean error."""
-    return _save(_tradeoff_fig(points, title), path)
+    axes from 0, with the diagonal where the certified worst case equals the clean error and, per side in `floors`,
+    a dashed line at its floor."""
+    return _save(_tradeoff_fig(points, title, floors), path)
