@@ -156,6 +156,19 @@ def test_resume_refuses_contradicting_flags_and_records_a_longer_run(tiny_crowds
     assert load_checkpoint(tmp_path / "last.pt")["args"]["epochs"] == 3
 
 
+def test_a_run_from_before_the_validation_part_resumes_on_its_whole_train_split(tiny_crowds, tmp_path, cli_error):
+    import torch
+
+    train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "1", "--val", "0")))
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["args"]["val"]  # as a run of the version before --val recorded it
+    torch.save(state, tmp_path / "last.pt")
+    code, lines = cli_error(train, ["--out", str(tmp_path), "--resume", "--epochs", "2", "--val", "0.2"])
+    assert code == 2 and "--val 0.2 contradicts the run being resumed (--val 0.0 in" in lines[0], lines
+    summary = train.main(train.get_args_parser().parse_args(["--out", str(tmp_path), "--resume", "--epochs", "2"]))
+    assert summary["train_images"] == 6 and summary["validation"] is None and summary["checkpoint"] == "last.pt"
+
+
 def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
     cases = [
         (_argv(tiny_crowds, tmp_path / "a", "--resume"), "nothing to resume"),
@@ -167,6 +180,8 @@ def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
         (["--crop", "-8"], "--crop: must be a positive integer"),
         (_argv(tiny_crowds, tmp_path / "d", "--crop", "256"), "crop 256 is larger than every image of"),
         (_argv(tiny_crowds, tmp_path / "e", "--workers", "-1"), "--workers: must be a non-negative integer"),
+        (_argv(tiny_crowds, tmp_path / "f", "--val", "1"), "--val: must lie in [0, 1), got 1"),
+        (_argv(tiny_crowds, tmp_path / "g", "--val", "0.95"), "leaves none to train on"),
     ]
     for argv, message in cases:
         code, lines = cli_error(train, argv)

@@ -22,6 +22,8 @@ from utils.io import load_checkpoint, load_json, plain, save_json
 RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
 RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile"})
+# Settings a run recorded before the flag existed had this value: such a run resumes as it started
+BEFORE_THE_FLAG = {"val": 0.0}  # no validation part: it trained on the whole train split
 REPO = Path(__file__).resolve().parents[1]
 
 _current: dict | None = None  # the run folder this process works in: {"out", "created", "resumed"}
@@ -90,9 +92,10 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     merged = argparse.Namespace(**vars(args))
     for action in parser._actions:
         dest = action.dest
-        if dest in RUN_CONTROL or dest not in recorded:
+        if dest in RUN_CONTROL or (dest not in recorded and dest not in BEFORE_THE_FLAG):
             continue
-        old, new = _restore(action, recorded[dest]), getattr(args, dest)
+        old = _restore(action, recorded[dest]) if dest in recorded else BEFORE_THE_FLAG[dest]
+        new = getattr(args, dest)
         if dest not in given or _same(new, old):
             setattr(merged, dest, old)
         elif not (dest == "epochs" and new > old):
