@@ -193,9 +193,12 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
                                                         "mean-count baseline": [val_baseline] * len(history)},
                      ylabel="MAE (people)",
                      title=f"validation MAE per epoch ({model.name}, {plural(len(val_set), 'image')})")
-    chosen = ("no epoch was eligible for best.pt (validation MAE undefined): last.pt is kept" if best_row is None and
-              val_set is not None else "no validation part: last.pt is kept" if best_row is None else
-              f"best.pt (epoch {best_row['epoch']}, validation MAE {best_row['mae']:.2f})")
+    if best_row is not None:
+        chosen = f"best.pt (epoch {best_row['epoch']}, validation MAE {best_row['mae']:.2f})"
+    elif val_set is None:
+        chosen = "no validation part: last.pt is kept"
+    else:  # e.g. adversarial training with kappa 1 throughout
+        chosen = "no epoch was eligible for best.pt (validation MAE undefined): last.pt is kept"
     if test_set is not None:
         chosen += f"; test MAE {summary['mae']:.2f} vs mean-count baseline {summary['baseline_mae']:.2f}"
     log.info(chosen)
