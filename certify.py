@@ -8,8 +8,8 @@ Methods (--method):
             samples, with confidence 1 − α. The ablation (k, unit, fill) is the one the checkpoint records.
   rf-clip   the count of the density clipped to [0, dmax]; a patch can change only the output cells whose receptive
             field it reaches, one window of them, so [L, U] follow from the window sums: deterministic, any content.
-  rf-mask   per patch side, a times the count outside the densest window, plus c (a ≥ 0 and c fitted on a train
-            split, --refill); deterministic as rf-clip.
+  rf-mask   per patch side, a times the count outside the densest window, plus c (a = 1 and c the mean densest
+            window of a train split, or both fitted on it: --refill); deterministic as rf-clip.
 The receptive-field methods need dmax, a and c from a train split (--calibrate SPLIT, saved as calibration.json) or an
 earlier calibration (--calibration FILE). Each side is certified for every pixel the toolkit's patch of that side can
 change, under its rotation, scale, bilinear rim and any sub-pixel placement (`--patch-shape`, `--rotation`, `--scale`):
@@ -84,9 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--dmax-quantile", type=cli.unit_interval, default=DMAX_QUANTILE,
                        help="rf-clip: dmax is this quantile of the clean output cells of the calibration split")
     group.add_argument("--refill", choices=REFILLS, default=REFILLS[0],
-                       help="rf-mask's count per side, a·(count outside the densest window) + c: fitted (a ≥ 0 and c "
-                            "minimising the calibration split's summed certified error) or constant (a = 1, c the "
-                            "mean densest-window sum); with --calibration, the file's")
+                       help="rf-mask's count per side, a·(count outside the densest window) + c: constant (a = 1, c "
+                            "the mean densest-window sum) or fitted (a ≥ 0 and c minimising the calibration split's "
+                            "summed certified error); with --calibration, the file's")
     group.add_argument("--figures", type=cli.non_negative_int, default=4,
                        help="rf-clip / rf-mask: figures of the first N images marking the windows where a patch of "
                             "the largest side hides and adds the most people")

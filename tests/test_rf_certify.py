@@ -137,8 +137,11 @@ def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
     model = build("mcnn", seed=1).eval()
     rf = receptive_field(model)
     split = CrowdDataset.for_model(tiny_crowds / "train_data", model, max_images=2)
-    calibration = calibrate(model, split, rf, [10, 20], torch.device("cpu"), amp=False)
-    assert calibration.dmax > 0 and calibration.c[20] >= calibration.c[10] > 0  # a wider window holds more
+    constant = calibrate(model, split, rf, [10, 20], torch.device("cpu"), amp=False)  # the default refill
+    assert constant.dmax > 0 and constant.c[20] >= constant.c[10] > 0  # a wider window holds more
+    assert constant.refill == "constant" and constant.slope == {}
+    assert Calibration.load(constant.save(tmp_path / "constant.json")) == constant
+    calibration = calibrate(model, split, rf, [10, 20], torch.device("cpu"), amp=False, refill="fitted")
     assert Calibration.load(calibration.save(tmp_path / "calibration.json")) == calibration
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ToolkitError, match="is not a calibration"):
@@ -147,8 +150,7 @@ def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
         RFMaskCertifier(rf, calibration).certify_batch(model, torch.rand(1, 3, 64, 64), [30])
     assert calibration.refill == "fitted" and set(calibration.slope) == {10, 20}
     assert all(a >= 0 for a in calibration.slope.values())
-    constant = calibrate(model, split, rf, [10], torch.device("cpu"), amp=False, refill="constant")
-    assert constant.slope == {} and constant.dmax == calibration.dmax
+    assert constant.dmax == calibration.dmax
     saved = json.loads((tmp_path / "calibration.json").read_text())
     (tmp_path / "negative.json").write_text(json.dumps({**saved, "slope": {"10": -1.0}}))
     with pytest.raises(ToolkitError, match="negative rf-mask slope"):

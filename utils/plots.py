@@ -256,17 +256,16 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str 
         values.append((max(xs), max(ys)))
     right, top = 1.15 * max(x for x, _ in values), 1.1 * max(y for _, y in values)
     ax.plot([0, right], [0, right], "k:", lw=0.8, label="worst case = clean error")
-    for side, floor in sorted((floors or {}).items()):  # no counter's worst case can lie below it
-        if side in sides:
-            ax.axhline(floor, color="0.5", ls="--", lw=0.7)
-            ax.annotate(f"floor {side} px", (0, floor), textcoords="offset points", xytext=(3, 2), fontsize=6,
-                        color="0.35")
+    shown = {side: floor for side, floor in sorted((floors or {}).items()) if side in sides}
+    for k, floor in enumerate(shown.values()):  # no counter's worst case can lie below its side's floor
+        ax.axhline(floor, color="0.5", ls="--", lw=0.7, label="floor (most heads under an s×s square): " + ", ".join(
+            f"{side} px {value:.1f}" for side, value in shown.items()) if k == 0 else None)
     ax.set_xlim(0, right)
     ax.set_ylim(0, top)
     ax.set_xlabel("clean MAE of the certified counter")
     ax.set_ylabel("certified worst case: tight-MAE")
     ax.set_title(title or "certified trade-off (points labelled with the patch side, px)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: clear of the points
     ax.grid(alpha=0.3)
     return fig
 

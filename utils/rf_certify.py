@@ -42,7 +42,7 @@ from utils.io import save_json
 from utils.runtime import autocast, float32, progress
 
 DMAX_QUANTILE = 0.999
-REFILLS = ("fitted", "constant")  # rf-mask's (a, c): fitted on the calibration split, or a = 1 and a mean
+REFILLS = ("constant", "fitted")  # rf-mask's (a, c): a = 1 and a mean (default), or fitted on the split
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
 
 
@@ -130,9 +130,9 @@ def load_calibration(path: Path, rf: ReceptiveField) -> Calibration:
 @torch.no_grad()
 def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int], device: torch.device,
               quantile: float = DMAX_QUANTILE, amp: bool = True, batch_size: int = 4,
-              refill: str = "fitted") -> Calibration:
+              refill: str = "constant") -> Calibration:
     """dmax and rf-mask's (a, c) of `model` on the whole images of `dataset` (a train split), for patches of each of
-    `sides`; `refill`: `fitted` (`fit_refill`) or `constant` (a = 1, c the mean largest window sum)."""
+    `sides`; `refill`: `constant` (a = 1, c the mean largest window sum) or `fitted` (`fit_refill`)."""
     if len(dataset) == 0:
         raise ToolkitError(f"the calibration split {dataset.root} holds no images")
     if not 0 < quantile <= 1:
