@@ -183,8 +183,8 @@ def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str
         r = results[kind]
         label = LABELS[kind] + (f" (k={keep})" if kind == "ra" else "")
         cells = [f"{m['mae']:.2f} / {m['rmse']:.2f}" for m in (r["clean"], *r["attacked"].values())]
-        cert = "; ".join(f"{s}px (as {c['certified_side']}px): {c['certified_fraction']:.0%}, "
-                         f"{c['tight_mae']:.2f} / {c['tight_rmse']:.2f}"
+        cert = "; ".join(f"{s}px (as {c['certified_side']}px): {c['certified_fraction']:.0%}"
+                         + (f", {c['tight_mae']:.2f} / {c['tight_rmse']:.2f}" if c["certified_fraction"] > 0 else "")
                          for s, c in r.get("certificate", {}).get("patch_sizes", {}).items())
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {cert} |")
     ra = results["ra"]
