@@ -79,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--memory-fraction", type=cli.unit_interval, default=0.5,
                        help="share of the free GPU memory that an omitted --batch-size fills")
     group.add_argument("--calibrate", type=Path,
-                       help="rf-clip / rf-mask: a train split (images/, ground_truth/) to measure dmax and c on")
+                       help="rf-clip / rf-mask: a train split (images/, ground_truth/) to measure dmax and "
+                            "rf-mask's a, c on")
     group.add_argument("--calibration", type=Path, help="rf-clip / rf-mask: the calibration.json of an earlier run")
     group.add_argument("--dmax-quantile", type=cli.unit_interval, default=DMAX_QUANTILE,
                        help="rf-clip: dmax is this quantile of the clean output cells of the calibration split")
