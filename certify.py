@@ -136,7 +136,12 @@ def _calibration_source(args: argparse.Namespace, model, rf) -> Calibration | Cr
     """What the receptive-field counters' constants come from, checked before any work: a loaded calibration, or the
     split to calibrate on."""
     if args.calibration is not None:
-        return load_calibration(args.calibration, rf)
+        calibration = load_calibration(args.calibration, rf)
+        if "refill" in getattr(args, "_given", ()) and args.refill != calibration.refill:
+            raise ToolkitError(f"--refill {args.refill} contradicts {args.calibration} (refill {calibration.refill}): "
+                               "leave it out to use the file's, or calibrate again with --calibrate")
+        args.refill = calibration.refill  # args.json records the refill that runs
+        return calibration
     if args.calibrate is not None:
         return CrowdDataset.for_model(cli.check_split(args.calibrate), model, cache=False)  # read once: keep nothing
     raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "

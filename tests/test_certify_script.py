@@ -103,9 +103,11 @@ def test_receptive_field_bad_input(tiny_mcnn, tiny_crowds, tmp_path, cli_error):
     from models import build
     from models.weights import checkpoint_state
     from utils.io import save_checkpoint
+    from utils.rf_certify import Calibration
 
     danet = save_checkpoint(tmp_path / "danet.pt", checkpoint_state(build("danet")))
     (tmp_path / "empty" / "images").mkdir(parents=True)
+    constant = Calibration(0.1, {11: 1.0}).save(tmp_path / "constant.json")  # an rf-mask refill of a = 1
     base = ["--data", str(tiny_crowds / "test_data"), "--patch-sizes", "8", "--out", str(tmp_path / "x")]
     calibrate = ["--calibrate", str(tiny_crowds / "train_data")]
     cases = [
@@ -117,6 +119,8 @@ def test_receptive_field_bad_input(tiny_mcnn, tiny_crowds, tmp_path, cli_error):
          "patch side 200 is larger than the smallest image side"),
         (["--weights", str(tiny_mcnn), "--method", "rf-mask", *base], "needs dmax and c: --calibrate SPLIT"),
         (["--weights", str(tiny_mcnn), "--method", "rf-guess", *base], "argument --method: invalid choice"),
+        (["--weights", str(tiny_mcnn), "--method", "rf-mask", "--calibration", str(constant), "--refill", "fitted",
+          *base], f"--refill fitted contradicts {constant} (refill constant)"),
     ]
     for argv, message in cases:
         code, lines = cli_error(certify, argv)
