@@ -12,6 +12,16 @@ def _work_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _restore_fast_paths():
+    """A script's main() configures this process's autocast dtype; no test leaves its choice to the next one."""
+    from utils import runtime
+
+    saved = dict(runtime._fast_paths)
+    yield
+    runtime._fast_paths.update(saved)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The real fixtures in ../shared (weights, ShanghaiTech-mini); skips when this clone has none."""

@@ -1,4 +1,4 @@
-"""utils.runtime: devices, derived seeds and the CUDA fast paths (off on the CPU)."""
+"""utils.runtime: devices, derived seeds and the fast paths (on the CPU: bfloat16 autocast only)."""
 import pytest
 import torch
 
@@ -6,26 +6,25 @@ from utils import runtime
 from utils.errors import ToolkitError
 
 
-@pytest.fixture
-def restore_fast_paths():
-    saved = dict(runtime._fast_paths)
-    yield
-    runtime._fast_paths.update(saved)
-
-
-def test_fast_paths_are_checked_and_stay_off_on_the_cpu(restore_fast_paths):
+def test_fast_paths_are_checked_and_only_bfloat16_autocasts_on_the_cpu():
     with pytest.raises(ToolkitError, match="bfloat16"):
         runtime.configure("int8")
-    runtime.configure("bfloat16", compile=True)
     cpu = torch.device("cpu")
+    runtime.configure("float16", compile=True)
     with runtime.autocast(cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    runtime.configure("bfloat16", compile=True)
+    with runtime.autocast(cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with runtime.autocast(cpu, enabled=False):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert runtime.autocasts(cpu, True, "bfloat16") and not runtime.autocasts(cpu, True, "float16")
     model = runtime.prepare_model(torch.nn.Conv2d(3, 4, 3), cpu)
     assert type(model) is torch.nn.Conv2d and model.weight.is_contiguous()  # neither compiled nor channels-last
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_autocast_takes_the_configured_dtype_on_cuda(restore_fast_paths):
+def test_autocast_takes_the_configured_dtype_on_cuda():
     cuda = torch.device("cuda")
     for name in runtime.AMP_DTYPES:
         runtime.configure(name)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from utils import runtime
 from utils.io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,14 @@ def test_metrics_describe_the_checkpoint_of_per_image_csv_and_args_record_what_r
     # --val 0.1 of the 6 training images: one held out, drawn by --seed, listed in args.json
     assert record["val"] == 0.1 and record["val_images"] == saved["validation"]["images"] and len(
         record["val_images"]) == 1 and saved["train_images"] == 5
+
+
+def test_bfloat16_autocast_trains_on_the_cpu_and_is_recorded(tiny_crowds, tmp_path):
+    summary = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "1",
+                                                                   "--amp-dtype", "bfloat16")))
+    record = json.loads((tmp_path / "args.json").read_text())
+    assert record["amp"] is True and record["dtype"] == "bfloat16 autocast"
+    assert runtime.autocasts(torch.device("cpu")) and summary["mae"] == summary["mae"]  # configured; finite
 
 
 def _weights(out: Path) -> dict:
