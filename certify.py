@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from datasets.crowd import CrowdDataset
-from models import build
+from models import build, releases
 from models.receptive_field import receptive_field
 from models.weights import read_weights_file
 from utils import cli, runs
@@ -48,8 +48,8 @@ from utils.rf_certify import (
     RFClipCertifier,
     RFMaskCertifier,
     calibrate,
+    extreme_windows,
     load_calibration,
-    window_box,
 )
 from utils.runtime import autocast, batch_for_memory, pick_device, prepare_model
 
@@ -135,6 +135,9 @@ def _ablation_certifier(args: argparse.Namespace, dataset: CrowdDataset, out_ext
 def _calibration_source(args: argparse.Namespace, model, rf) -> Calibration | CrowdDataset:
     """What the receptive-field counters' constants come from, checked before any work: a loaded calibration, or the
     split to calibrate on."""
+    found = releases.find(args.weights)
+    if args.calibration is None and args.calibrate is None and found is not None:
+        args.calibration = releases.calibration(found)  # a release's own, recorded in args.json
     if args.calibration is not None:
         calibration = load_calibration(args.calibration, rf)
         if "refill" in getattr(args, "_given", ()) and args.refill != calibration.refill:
@@ -145,7 +148,7 @@ def _calibration_source(args: argparse.Namespace, model, rf) -> Calibration | Cr
     if args.calibrate is not None:
         return CrowdDataset.for_model(cli.check_split(args.calibrate), model, cache=False)  # read once: keep nothing
     raise ToolkitError(f"--method {args.method} needs dmax and c: --calibrate SPLIT (a train split) or "
-                       "--calibration FILE")
+                       "--calibration FILE (a release's weights bring their own)")
 
 
 def _batch_size(args: argparse.Namespace, model, dataset: CrowdDataset, device: torch.device) -> int:
@@ -169,10 +172,7 @@ def _window_figures(out: Path, rows: list[dict], dataset: CrowdDataset, model, c
         image = dataset[row["index"]][0]
         with torch.no_grad():
             density = model(image[None].to(device)).float().clamp_min(0)[0].cpu()
-        boxes = [(f"hides the most: L = {row[f'L{side}']:.1f}",
-                  window_box(certifier.rf, covered, row[f"hide{side}"], image.shape[-2:]), "red"),
-                 (f"adds the most: U = {row[f'U{side}']:.1f}",
-                  window_box(certifier.rf, covered, row[f"add{side}"], image.shape[-2:]), "blue")]
+        boxes = extreme_windows(certifier.rf, side, covered, row, image.shape[-2:])
         count = row.get(f"count{side}", row.get("count"))
         window_figure(out / "figures" / f"{Path(row['image']).stem}.{fmt}", image, density, boxes,
                       f"{row['image']}: {certifier.method} count {count:.1f}, truth {row['gt']:.0f}, patch {side} px")

@@ -18,7 +18,7 @@ GT_DIRS = ("ground_truth", "ground-truth")  # some redistributions use a hyphen
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, crowd-robustness toolkit".ljust(116)  # no timestamp: same bytes each time
 
 
-def _natural_key(path: Path) -> list:
+def natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
@@ -28,7 +28,7 @@ def list_images(split: str | Path) -> list[Path]:
     folder = split / "images"
     if not folder.is_dir():
         raise ToolkitError(f"{split} is not a ShanghaiTech-layout split: no images/ folder")
-    images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
     if not images:
         raise ToolkitError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images

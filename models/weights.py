@@ -53,8 +53,12 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 PICKLE_MAGIC = b"\x80"  # older torch.save files and plain pickles start with the PROTO opcode
 
 
-def read_weights_file(path: Path) -> object:
-    """The content of an HDF5 file (name -> tensor) or of a torch file (loaded with weights_only)."""
+def read_weights_file(path: Path | str) -> object:
+    """The content of an HDF5 file (name -> tensor) or of a torch file (loaded with weights_only); a release name
+    (`models.releases`) reads its file once its digest is checked."""
+    from models.releases import resolve
+
+    path = resolve(path)
     if not path.is_file():
         raise ToolkitError(f"weights file not found: {path}")
     try:
@@ -160,7 +164,7 @@ def _check_fits(state: dict[str, Tensor], net: nn.Module, source: str, name: str
 
 def load_weights(model: CrowdCounter, path: str | Path) -> None:
     """Load a weight file into `model.net`, strictly: the names and shapes must match exactly."""
-    load_state(model, read_weights_file(Path(path)), str(path))
+    load_state(model, read_weights_file(path), str(path))
 
 
 def load_state(model: CrowdCounter, content: object, source: str) -> None:

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 SCRIPTS = ("train", "evaluate", "patch_attack", "certify", "get_ablated_img", "MCNN_certify_train", "MCNN_adv_train",
-           "make_dataset", "compare_defenses", "tradeoff")
+           "make_dataset", "compare_defenses", "tradeoff", "count")
 GENERIC_GROUPS = ("options", "optional arguments")
 # the team's planning documents, absent from a user's clone (spelled in pieces so that a grep of the sources
 # for them stays empty)

@@ -219,10 +219,7 @@ def certify_patches(certifier: Certifier, model, dataset, specs: dict[int, Patch
         str(s): {"certified_side": c, "side_measure": certifier.side_measure, "extent_side": specs[s].extent_side,
                  "footprint_side": specs[s].footprint_side, **metrics["patch_sizes"][str(c)]}
         for s, c in cover.items()}
-    per_side = ("count", "L", "U", "hide", "add")
-    rows = [{**{k: v for k, v in row.items() if k in ("index", "image", "gt", "count")},
-             **{f"{key}{s}": row[f"{key}{c}"] for s, c in cover.items() for key in per_side if f"{key}{c}" in row}}
-            for row in rows]
+    rows = nominal_rows(rows, cover)
     sizes = dataset.sizes()
     for row in rows:  # the floor of the nominal square: no counter can do better than lose the heads it covers
         points = dataset.head_points(row["index"])
@@ -230,6 +227,16 @@ def certify_patches(certifier: Certifier, model, dataset, specs: dict[int, Patch
     for s in specs:
         metrics["patch_sizes"][str(s)]["floor"] = float(np.mean([r[f"floor{s}"] for r in rows]))
     return rows, metrics
+
+
+def nominal_rows(rows: list[dict], cover: dict[int, int]) -> list[dict]:
+    """Rows of `certify_batch` (keyed by the sides certified) keyed by the nominal patch sides instead; `cover` maps
+    each nominal side to the side certified for it (`Certifier.covered_side`)."""
+    per_side = ("count", "L", "U", "hide", "add")
+    certified = {f"{key}{c}" for c in cover.values() for key in per_side}
+    return [{**{k: v for k, v in row.items() if k not in certified},
+             **{f"{key}{s}": row[f"{key}{c}"] for s, c in cover.items() for key in per_side if f"{key}{c}" in row}}
+            for row in rows]
 
 
 def most_heads_in_square(points: np.ndarray, shape: tuple[int, int], side: int) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from datasets.crowd import DENSITY_SOURCES, CrowdDataset
 from datasets.synthetic import ensure_synthetic
-from models import MODEL_NAMES, build, canonical_name
+from models import MODEL_NAMES, build, canonical_name, releases
 from utils import distributed, runs
 from utils.ablation import FILL, KEEP, UNITS, AblationSpec
 from utils.errors import ToolkitError
@@ -61,12 +61,24 @@ class ArgumentParser(argparse.ArgumentParser):
         probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.dest != argparse.SUPPRESS})
         super().parse_known_args(args, probe)
         parsed._given = frozenset(k for k, v in vars(probe).items() if v is not _UNSET)
+        _model_of_release(self, parsed)
         if getattr(parsed, "resume", False):
             try:
                 parsed = runs.resumed_settings(self, parsed)
             except ToolkitError as e:
                 self.error(str(e))
         return parsed
+
+
+def _model_of_release(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--weights naming a release (`models.releases`) sets --model to the release's; a --model given against it is a
+    usage error."""
+    found = releases.find(getattr(args, "weights", None))
+    if found is None or not hasattr(args, "model"):
+        return
+    if "model" in args._given and args.model != found.model:
+        parser.error(f"--weights {found.name} is a {found.model} release, not {args.model}: leave --model out")
+    args.model = found.model
 
 
 def positive_int(text: str) -> int:
@@ -121,8 +133,9 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "mcnn",
     group.add_argument("--model", default=default, type=canonical_name, choices=MODEL_NAMES,
                        help="network architecture (case-insensitive)")
     group.add_argument("--weights", type=Path,
-                       help="weights to load: an original release file (.h5, .pth, .pth.tar; e.g. "
-                            "path/to/mcnn_shtechA_660.h5) or a checkpoint written by these scripts (e.g. "
+                       help="weights to load: a release of this project by name (" + (", ".join(releases.releases())
+                            or "none yet") + "; it sets --model), an original release file (.h5, .pth, .pth.tar; "
+                            "e.g. path/to/mcnn_shtechA_660.h5) or a checkpoint written by these scripts (e.g. "
                             f"runs/train/<run>/best.pt); omitted: {omitted}")
     return group
 
@@ -185,13 +198,14 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argpar
     return group
 
 
-def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The "run" group: output folder, figures, device, seed, workers, mixed precision. `run` checks a given --out
-    before the script's main starts (`runs.check_out`)."""
+def add_run_args(parser: argparse.ArgumentParser, omitted: str = "a new runs/<script>/<timestamp>"
+                 ) -> argparse._ArgumentGroup:
+    """The "run" group: output folder (`omitted`: what the script does without --out), figures, device, seed,
+    workers, mixed precision. `run` checks a given --out before the script's main starts (`runs.check_out`)."""
     parser.run_folder = True
     group = parser.add_argument_group("run")
-    group.add_argument("--out", type=Path, help="run folder; omitted: a new runs/<script>/<timestamp>; an existing "
-                       "run there is never overwritten without --overwrite")
+    group.add_argument("--out", type=Path, help=f"run folder; omitted: {omitted}; an existing run there is never "
+                       "overwritten without --overwrite")
     group.add_argument("--overwrite", action="store_true", help="start the run in --out again, deleting its files")
     group.add_argument("--figure-format", default="png", choices=FIGURE_FORMATS, help="file format of the figures")
     group.add_argument("--device", default="auto",

@@ -167,6 +167,33 @@ def interval_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int]
     return _save(_interval_fig(rows, sides, title), path)
 
 
+def _count_over_time_fig(rows: Sequence[dict], sides: Sequence[int], per_side: bool, title: str = "") -> Figure:
+    frames = np.array([r["frame"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
+    for k, side in enumerate(sorted(sides, reverse=True)):
+        color = plt.cm.viridis(k / max(len(sides) - 1, 1))
+        ax.fill_between(frames, [r[f"L{side}"] for r in rows], [r[f"U{side}"] for r in rows], color=color, alpha=0.3,
+                        step="mid", label=f"certified band, {side} px patch")
+        if per_side:
+            ax.plot(frames, [r[f"count{side}"] for r in rows], color=color, lw=1, label=f"rf-mask count, {side} px")
+    ax.plot(frames, [r["count"] for r in rows], "k-", lw=1.2, label="model count" if per_side else "count")
+    _from_zero(ax, [r[k] for r in rows for k in ("count", *(f"{e}{s}" for s in sides for e in "LU"))])
+    ax.set_title(title or "count over time", fontsize=10)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("count (people)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def count_over_time_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int], per_side: bool,
+                           title: str = "") -> Path:
+    """A video's count per frame with, per patch side, the band [L, U] no patch of that side can push it out of
+    (`per_side`: rf-mask, whose count differs per side, drawn too)."""
+    return _save(_count_over_time_fig(rows, sides, per_side, title), path)
+
+
 def _change(label: str, values: np.ndarray) -> str | None:
     """`label: first → last (relative change)`, or None for a constant or too short series."""
     if values.size < 2 or values[0] == values[-1]:

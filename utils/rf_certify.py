@@ -300,7 +300,7 @@ class RFMaskCertifier(_WindowCertifier):
         sums, total = window_sums(density, self.rf.window(side), integral).flatten(1), integral[:, -1, -1]
         largest, hide_at = sums.max(dim=1)
         smallest, add_at = sums.min(dim=1)
-        return {f"count{side}": a * (total - largest) + c, f"L{side}": a * (total - 2 * largest) + c,
+        return {"total": total, f"count{side}": a * (total - largest) + c, f"L{side}": a * (total - 2 * largest) + c,
                 f"U{side}": a * (total - smallest) + c, f"hide{side}": hide_at, f"add{side}": add_at}
 
     def settings(self) -> dict:
@@ -317,3 +317,11 @@ def window_box(rf: ReceptiveField, side: int, cell: list[int], shape: tuple[int,
     bottom, right = top + (w - 1) * rf.stride + rf.side, left + (w - 1) * rf.stride + rf.side
     top, left = max(top, 0), max(left, 0)
     return top, left, min(bottom, shape[0]) - top, min(right, shape[1]) - left
+
+
+def extreme_windows(rf: ReceptiveField, side: int, covered: int, row: dict, shape: tuple[int, int]
+                    ) -> list[tuple[str, tuple[int, int, int, int], str]]:
+    """The (label, box, colour) of the windows where a patch of nominal `side` (certified as `covered`) hides (red)
+    and adds (blue) the most people, from a row keyed by the nominal side (for `plots.window_figure`)."""
+    return [(f"hides the most: L = {row[f'L{side}']:.1f}", window_box(rf, covered, row[f"hide{side}"], shape), "red"),
+            (f"adds the most: U = {row[f'U{side}']:.1f}", window_box(rf, covered, row[f"add{side}"], shape), "blue")]

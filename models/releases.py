@@ -1,0 +1,72 @@
+"""Weights this project trained and releases, in `weights/` (listed in `weights/releases.json`, provenance in
+`weights/README.md`): a name such as `smallfield-B` stands for the file in every script, and the file and its
+calibration are checked against their SHA-256 digests whenever they are read."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import ToolkitError
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+MANIFEST = WEIGHTS_DIR / "releases.json"
+DEFAULT = "smallfield-B"  # what count.py counts with when no --weights is given
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    model: str
+    weights: Path
+    weights_sha256: str
+    calibration: Path
+    calibration_sha256: str
+
+
+def releases() -> dict[str, Release]:
+    """Every release of the manifest, by name."""
+    if not MANIFEST.is_file():
+        return {}
+    entries = json.loads(MANIFEST.read_text())
+    return {name: Release(name, e["model"], WEIGHTS_DIR / e["weights"], e["weights_sha256"],
+                          WEIGHTS_DIR / e["calibration"], e["calibration_sha256"]) for name, e in entries.items()}
+
+
+def find(weights: str | Path | None) -> Release | None:
+    """The release `weights` names (a bare name, not a path to a file), else None."""
+    if weights is None or Path(weights).exists() or len(Path(weights).parts) != 1:
+        return None
+    return releases().get(str(weights))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified(path: Path, digest: str, what: str) -> Path:
+    """`path`, once its content matches `digest`; else one error line saying so."""
+    if not path.is_file():
+        raise ToolkitError(f"{what} is missing: {path} (a clone of the repository holds it)")
+    if sha256(path) != digest:
+        raise ToolkitError(f"{path} does not match the SHA-256 digest of {what} in {MANIFEST.name}: a corrupt or "
+                           "replaced file; restore it with `git checkout -- weights/`")
+    return path
+
+
+def resolve(weights: str | Path) -> Path:
+    """The file `weights` stands for: a release's, digest-checked, or the path itself."""
+    found = find(weights)
+    if found is None:
+        return Path(weights)
+    return verified(found.weights, found.weights_sha256, f"the weights of release {found.name}")
+
+
+def calibration(found: Release) -> Path:
+    """A release's calibration file, digest-checked."""
+    return verified(found.calibration, found.calibration_sha256, f"the calibration of release {found.name}")

@@ -1,0 +1,138 @@
+"""count.py: certified intervals equal certify.py's, videos frame by frame, bad input; the released weights."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import certify
+import count
+from datasets.shanghaitech import list_images
+from models import releases
+
+
+@pytest.fixture(scope="module")
+def certified_run(tiny_mcnn, tiny_crowds, tmp_path_factory) -> Path:
+    """certify.py --method rf-mask on the tiny test split, calibrated on its train split."""
+    out = tmp_path_factory.mktemp("certified") / "run"
+    certify.main(certify.get_args_parser().parse_args([
+        "--weights", str(tiny_mcnn), "--data", str(tiny_crowds / "test_data"), "--method", "rf-mask", "--calibrate",
+        str(tiny_crowds / "train_data"), "--patch-sizes", "8", "16", "--figures", "0", "--device", "cpu",
+        "--out", str(out)]))
+    return out
+
+
+def _count(argv: list[str]) -> dict:
+    return count.main(count.get_args_parser().parse_args([*argv, "--device", "cpu"]))
+
+
+def test_intervals_equal_certify_py_for_the_same_images(tiny_mcnn, tiny_crowds, certified_run, tmp_path, capsys):
+    _count([str(tiny_crowds / "test_data" / "images"), "--model", "mcnn", "--weights", str(tiny_mcnn),
+                     "--calibration", str(certified_run / "calibration.json"), "--patch-sizes", "8", "16",
+                     "--out", str(tmp_path / "c"), "--figures"])
+    expected = list(csv.DictReader(open(certified_run / "per_image.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "c" / "counts.csv")))
+    assert [Path(r["source"]).name for r in rows] == [r["image"] for r in expected]
+    for got, want in zip(rows, expected, strict=True):
+        for key in ("count8", "L8", "U8", "count16", "L16", "U16"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-6), key
+        assert float(got["count"]) == pytest.approx(float(want["total"]), rel=1e-6)  # the model's own count
+    printed = capsys.readouterr().out
+    assert all(f"[{float(r['L16']):.1f}, {float(r['U16']):.1f}]" in printed for r in rows)
+    assert json.loads((tmp_path / "c" / "counts.json").read_text())["rows"][0]["frame"] is None
+    assert len(list((tmp_path / "c" / "figures").iterdir())) == len(rows)
+
+
+def _video(path: Path, frames: list[np.ndarray]) -> Path:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (w, h))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_a_video_gives_one_row_per_counted_frame(tiny_mcnn, tiny_crowds, certified_run, tmp_path):
+    images = list_images(tiny_crowds / "test_data")
+    frames = [cv2.imread(str(images[i % len(images)])) for i in range(5)]
+    video = _video(tmp_path / "crowd.avi", frames)
+    argv = [str(video), "--model", "mcnn", "--weights", str(tiny_mcnn), "--calibration",
+            str(certified_run / "calibration.json"), "--patch-sizes", "8", "16"]
+    every = _count([*argv, "--out", str(tmp_path / "all"), "--figures"])
+    assert [r["frame"] for r in every["rows"]] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "all" / "figures" / "crowd.png").is_file()
+    sparse = _count([*argv, "--every", "2"])
+    assert [r["frame"] for r in sparse["rows"]] == [0, 2, 4]
+    for row in sparse["rows"]:  # the frames counted are those of the full run, certified alike
+        same = every["rows"][row["frame"]]
+        assert row["L16"] == pytest.approx(same["L16"]) and row["U16"] == pytest.approx(same["U16"])
+        assert row["L16"] <= row["count16"] <= row["U16"]
+    assert not (Path.cwd() / "runs").exists()  # no --out, no --figures: nothing written
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_mcnn, tiny_crowds, certified_run, tmp_path, cli_error):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    (tmp_path / "blank.avi").write_bytes(b"")
+    model = ["--model", "mcnn", "--weights", str(tiny_mcnn), "--calibration", str(certified_run / "calibration.json"),
+             "--patch-sizes", "8", "--out", str(tmp_path / "out")]  # the output folder no failure may leave
+    image = str(list_images(tiny_crowds / "test_data")[0])
+    cases = [([str(tmp_path / "notes.txt")], "is not an image"),
+             ([str(tmp_path / "empty")], "holds no images or videos"),
+             ([str(tmp_path / "missing.jpg")], "no such file or folder"),
+             ([str(tmp_path / "*.png")], "no file matches"),
+             ([str(tmp_path / "broken.jpg")], "cannot read image"),
+             ([str(tmp_path / "broken.mp4")], "cannot open video"),
+             ([str(tmp_path / "blank.avi")], "cannot open video"),
+             ([image, "--model", "mcnn", "--weights", str(tiny_mcnn)], "--calibration is needed"),
+             ([image, "--patch-sizes", "99"], "holds no rf-mask constant")]
+    for argv, message in cases:
+        code, lines = cli_error(count, argv if "--weights" in argv else [*model, *argv])  # argv's flags last: they win
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def release(tiny_mcnn, certified_run, tmp_path, monkeypatch) -> releases.Release:
+    """A release manifest in a temporary weights/ folder: the tiny MCNN and its calibration as `tiny-mcnn`."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(tiny_mcnn, folder / "tiny.pt")
+    shutil.copy(certified_run / "calibration.json", folder / "tiny.calibration.json")
+    (folder / "releases.json").write_text(json.dumps({"tiny-mcnn": {
+        "model": "mcnn", "weights": "tiny.pt", "weights_sha256": releases.sha256(folder / "tiny.pt"),
+        "calibration": "tiny.calibration.json",
+        "calibration_sha256": releases.sha256(folder / "tiny.calibration.json")}}))
+    monkeypatch.setattr(releases, "WEIGHTS_DIR", folder)
+    monkeypatch.setattr(releases, "MANIFEST", folder / "releases.json")
+    return releases.releases()["tiny-mcnn"]
+
+
+def test_a_release_name_sets_the_model_and_its_calibration(release, tiny_crowds, certified_run, tmp_path, cli_error):
+    image = str(list_images(tiny_crowds / "test_data")[0])
+    named = _count([image, "--weights", "tiny-mcnn", "--patch-sizes", "8", "16"])  # --model omitted: the release's
+    assert named["model"] == "mcnn" and named["calibration"] == str(release.calibration)
+    by_path = _count([image, "--model", "mcnn", "--weights", str(release.weights), "--calibration",
+                      str(certified_run / "calibration.json"), "--patch-sizes", "8", "16"])
+    assert named["rows"][0]["L16"] == by_path["rows"][0]["L16"]
+    code, lines = cli_error(count, [image, "--weights", "tiny-mcnn", "--model", "csrnet"])
+    assert code == 2 and lines == [
+        "count.py: error: --weights tiny-mcnn is a mcnn release, not csrnet: leave --model out"]
+    # certify.py takes the release's calibration too
+    metrics = certify.main(certify.get_args_parser().parse_args([
+        "--weights", "tiny-mcnn", "--data", str(tiny_crowds / "test_data"), "--method", "rf-mask", "--patch-sizes",
+        "16", "--figures", "0", "--device", "cpu", "--out", str(tmp_path / "cert")]))
+    assert metrics["patch_sizes"]["16"]["certified_fraction"] == 1.0
+
+
+def test_a_release_file_with_a_wrong_digest_is_refused(release, tiny_crowds, cli_error):
+    image = str(list_images(tiny_crowds / "test_data")[0])
+    with open(release.weights, "ab") as f:
+        f.write(b"\0")
+    code, lines = cli_error(count, [image, "--weights", "tiny-mcnn"])
+    assert code == 2 and len(lines) == 1 and "does not match the SHA-256 digest" in lines[0]
