@@ -121,10 +121,32 @@ def test_bars_start_at_zero_and_carry_their_values():
     assert ax.get_title() == "MAE per defence" and ax.get_xlabel() == "model" and ax.get_ylabel() == "MAE"
 
 
-def test_interval_figure_is_titled_and_labelled():
-    rows = [{"gt": g, "count": g + 1.0, "L20": g - 2.0, "U20": g + 3.0, "L40": g - 4.0, "U40": g + 6.0}
-            for g in (5.0, 20.0, 12.0)]
-    ax = _interval_fig(rows, [20, 40]).axes[0]
-    assert "certified" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+def test_interval_figure_names_the_images_in_order_and_marks_what_is_not_certified():
+    rows = [{"image": f"IMG_{g:.0f}.jpg", "gt": g, "count20": g + 1.0, "count40": g + 2.0, "L20": g - 2.0,
+             "U20": g + 3.0, "L40": g - 4.0, "U40": g + 6.0} for g in (5.0, 20.0, 12.0)]
+    rows[1].update(L40=float("nan"), U40=float("nan"))
+    fig = _interval_fig(rows, [20, 40])
+    ax = fig.axes[0]
+    assert "certified" in ax.get_title() and "40 px: 1 of 3" in ax.get_title() and ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["IMG_5.jpg", "IMG_20.jpg", "IMG_12.jpg"]  # rows' order
     assert ax.get_ylim()[0] == 0
-    assert np.allclose(ax.get_lines()[0].get_ydata(), [5, 12, 20])  # sorted by the truth
+    labels = ax.get_legend_handles_labels()[1]
+    assert "its counter's count, 20 px" in labels and "its counter's count, 40 px" in labels  # a marker per side
+    assert "side not certified" in labels and "true count" in labels
+    legend = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert legend.x0 >= ax.get_window_extent(fig.canvas.get_renderer()).x1  # outside the bars
+    truth = next(line for line in ax.get_lines() if line.get_label() == "true count")
+    assert np.allclose(truth.get_ydata(), [5, 20, 12])
+
+
+def test_interval_figure_of_a_whole_split_plots_bounds_against_the_truth():
+    rows = [{"image": f"IMG_{i}.jpg", "gt": float(i), "count": i + 0.5, "L40": i - 3.0, "U40": i + 4.0}
+            for i in range(1, 183)]
+    fig = _interval_fig(rows, [40])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "true count (people)" and fig.get_size_inches()[0] < 8  # readable, not a strip
+    upper = next(line for line in ax.get_lines() if line.get_label() == "U")
+    assert np.allclose(upper.get_xdata(), [r["gt"] for r in rows]) and np.allclose(upper.get_ydata(),
+                                                                                    [r["U40"] for r in rows])
+
+

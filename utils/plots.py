@@ -140,30 +140,78 @@ def _from_zero(ax, values, headroom: float = 1.05) -> None:
         ax.set_ylim(0, max(float(values.max()) * headroom, 1e-9))
 
 
+PER_IMAGE_AT_MOST = 40  # an interval figure names each image up to this many; beyond, L and U against the truth
+
+
+def _side_count(row: dict, side: int) -> float:
+    """The count of the counter that certifies `side` (rf-mask has one per side)."""
+    return row.get(f"count{side}", row.get("count"))
+
+
 def _interval_fig(rows: Sequence[dict], sides: Sequence[int], title: str = "") -> Figure:
-    rows = sorted(rows, key=lambda r: r["gt"])
+    sides = sorted(sides)
+    colors = {s: plt.cm.viridis(k / max(len(sides) - 1, 1) * 0.85) for k, s in enumerate(sides)}
+    uncertified = {s: sum(1 for r in rows if not np.isfinite(r[f"L{s}"])) for s in sides}
+    notes = ", ".join(f"{s} px: {n} of {len(rows)}" for s, n in uncertified.items() if n)
+    heading = title or f"certified count intervals [L, U] per patch side ({plural(len(rows), 'image')})"
+    if len(rows) > PER_IMAGE_AT_MOST:
+        fig, axes = plt.subplots(1, len(sides), figsize=(3.2 * len(sides) + 0.6, 3.6), layout="constrained",
+                                 sharex=True, sharey=True, squeeze=False)
+        gt = np.array([r["gt"] for r in rows])
+        top = max([float(gt.max())] + [float(v) for v in _finite(r[f"U{s}"] for r in rows for s in sides)])
+        for ax, side in zip(axes[0], sides, strict=True):
+            lo, hi = (np.array([r[f"{e}{side}"] for r in rows], dtype=float) for e in "LU")
+            ax.vlines(gt, lo, hi, colors=colors[side], lw=0.8, alpha=0.5)
+            ax.plot(gt, hi, "^", ms=3, color=colors[side], label="U")
+            ax.plot(gt, lo, "v", ms=3, color="0.35", label="L")
+            ax.plot([0, top], [0, top], "k--", lw=0.8, label="truth (L = U = true count)")
+            missing = [r["gt"] for r in rows if not np.isfinite(r[f"L{side}"])]
+            if missing:
+                ax.plot(missing, missing, "rx", ms=5, label="not certified")
+            ax.set_title(f"{side} px patch", fontsize=9)
+            ax.set_xlabel("true count (people)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("certified bound (people)")
+        axes[0][0].set_xlim(0, top * 1.03)
+        axes[0][0].set_ylim(0, top * 1.03)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        fig.suptitle(heading + (f"\nnot certified: {notes}" if notes else ""), fontsize=10)
+        return fig
+
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5.6, 0.25 * len(rows)), 3.8), layout="constrained")
-    for k, side in enumerate(sorted(sides, reverse=True)):
-        lo, hi = np.array([r[f"L{side}"] for r in rows]), np.array([r[f"U{side}"] for r in rows])
-        ax.vlines(x + 0.08 * k, lo, hi, colors=plt.cm.viridis(k / max(len(sides) - 1, 1)), lw=3, label=f"{side} px")
-    ax.plot(x, [r["gt"] for r in rows], "k_", ms=10, label="ground truth")
-    counts = [r.get("count", r.get(f"count{max(sides)}")) for r in rows]  # rf-mask: the largest side's counter
-    ax.plot(x, counts, "r.", label="certified counter's count")
-    _from_zero(ax, [*counts, *(r[k] for r in rows for k in ("gt", *(f"{e}{s}" for s in sides for e in "LU")))])
-    ax.set_title(title or f"certified count intervals [L, U] per patch side ({plural(len(rows), 'image')})",
-                 fontsize=10)
-    ax.set_xlabel("image (sorted by ground truth)")
+    fig, ax = plt.subplots(figsize=(max(5.6, 0.42 * len(rows) + 2.4), 3.9), layout="constrained")
+    width = 0.6 / len(sides)
+    per_side = all(f"count{s}" in r for r in rows for s in sides)
+    for k, side in enumerate(sides):
+        at = x + (k - (len(sides) - 1) / 2) * width
+        lo, hi = (np.array([r[f"{e}{side}"] for r in rows], dtype=float) for e in "LU")
+        ax.vlines(at, lo, hi, colors=colors[side], lw=4, label=f"[L, U], {side} px patch")
+        counts = np.array([_side_count(r, side) for r in rows], dtype=float)
+        if per_side:
+            ax.plot(at, counts, "o", ms=4, mfc="white", mec=colors[side], label=f"its counter's count, {side} px")
+        bad = ~np.isfinite(lo)
+        ax.plot(at[bad], counts[bad], "rx", ms=7)
+    if not per_side:
+        ax.plot(x, [r["count"] for r in rows], "o", ms=4, mfc="white", mec="r", label="certified counter's count")
+    if notes:
+        ax.plot([], [], "rx", ms=7, label="side not certified")
+    ax.plot(x, [r["gt"] for r in rows], "k_", ms=14, mew=2, label="true count")
+    _from_zero(ax, [*(r["gt"] for r in rows), *(r[f"{e}{s}"] for r in rows for s in sides for e in "LU"),
+                    *(_side_count(r, s) for r in rows for s in sides)])
+    ax.set_xticks(x, [str(r.get("image", i)) for i, r in enumerate(rows)], rotation=60, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(heading + (f"\nnot certified: {notes}" if notes else ""), fontsize=10)
     ax.set_ylabel("count (people)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3, axis="y")
     return fig
 
 
 def interval_figure(path: str | Path, rows: Sequence[dict], sides: Sequence[int], title: str = "") -> Path:
-    """Certified [L, U] per image (sorted by ground truth) for each patch side, with the truth and the certified
-    counter's count (`count`, else that of the largest side)."""
+    """Certified [L, U] per patch side: up to `PER_IMAGE_AT_MOST` images, one named column each in the rows'
+    order with the true count and each side's counter's count; more, one panel per side with L and U against the
+    true count. Sides not certified (L, U NaN) are marked and counted in the title."""
     return _save(_interval_fig(rows, sides, title), path)
 
 
