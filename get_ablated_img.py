@@ -8,10 +8,12 @@ without replacement keep their value, the rest are set to the fill.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from datasets.shanghaitech import load_image
@@ -41,6 +43,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FIGURE_PIXELS = 520  # the width a panel is drawn at, in figure pixels
+
+
+def visible_dot(width: int, dot: int = 4) -> int:
+    """The odd side, in image pixels, that makes one pixel of an image `width` wide about `dot` figure pixels."""
+    side = max(1, math.ceil(dot * width / FIGURE_PIXELS))
+    return side + (side % 2 == 0)
+
+
+def kept_units_view(spec: AblationSpec, shape: torch.Size, seed: int, ablated: torch.Tensor, grow: int
+                    ) -> torch.Tensor:
+    """(H, W): the brightness of the pixels that keep a unit of the ablation drawn by `seed` (NaN elsewhere), each
+    grown to a `grow`-pixel square so that a handful among millions shows at a figure's size."""
+    marked = spec.ablate(torch.full((1, *shape), math.nan), torch.Generator().manual_seed(seed))[0]
+    kept = marked.isnan()  # the same draw as the image's: kept units carry the NaN through
+    brightness = torch.where(kept, ablated, 0.0).sum(0) / kept.sum(0).clamp_min(1)
+    values = torch.where(kept.any(0), brightness, -math.inf)[None, None]
+    grown = F.max_pool2d(values, grow, stride=1, padding=grow // 2)[0, 0]
+    return torch.where(grown.isinf(), math.nan, grown)
+
+
 def main(args: argparse.Namespace) -> Path:
     runs.claim_file(args.out, (".png", ".pdf", ".svg") if args.panel else (".png",), args.overwrite)
     trained = None
@@ -53,8 +76,12 @@ def main(args: argparse.Namespace) -> Path:
     spec.check_fits([tuple(image.shape[-2:])])
     ablated = spec.ablate(image[None], torch.Generator().manual_seed(args.seed))[0]
     if args.panel:
-        path = image_panels(args.out, [("original", image), (f"ablated, k = {spec.keep} {spec.unit}s", ablated),
-                                       ("ablated (jet)", ablated.mean(0))])
+        grow = visible_dot(image.shape[-1])
+        kept = kept_units_view(spec, image.shape, args.seed, ablated, grow)
+        path = image_panels(args.out, [
+            ("original", image), (f"ablated: k = {spec.keep} {spec.unit}s kept, the rest {spec.fill:g}", ablated),
+            (f"the kept {spec.unit}s alone, each drawn {grow}×{grow} px to be seen", kept,
+             "brightness (mean of the kept channels)")], f"randomized ablation of {Path(args.image).name}")
     else:
         pixels = (ablated.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         path = atomic_write(args.out, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))

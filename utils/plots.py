@@ -90,15 +90,28 @@ def density_figure(path: str | Path, image, panels: Sequence[tuple[str, object]]
     return _save(_density_fig(image, panels, title, truth), path)
 
 
-def image_panels(path: str | Path, panels: Sequence[tuple[str, object]]) -> Path:
-    """Side-by-side panels: (3, H, W) images as RGB, (H, W) maps in jet."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (label, item) in zip(np.atleast_1d(axes), panels, strict=True):
+def _panels_fig(panels: Sequence[tuple], title: str = "") -> Figure:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), layout="constrained")
+    for ax, (label, item, *colorbar) in zip(np.atleast_1d(axes), panels, strict=True):
         arr = _array(item)
-        ax.imshow(arr.transpose(1, 2, 0).clip(0, 1) if arr.ndim == 3 else arr, cmap=None if arr.ndim == 3 else "jet")
-        ax.set_title(label)
+        if arr.ndim == 3:
+            ax.imshow(arr.transpose(1, 2, 0).clip(0, 1))
+        else:
+            cmap = plt.get_cmap("jet").with_extremes(bad="white")  # NaN: nothing to show there
+            shown = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, interpolation="nearest")
+            if colorbar:
+                fig.colorbar(shown, ax=ax, label=colorbar[0], shrink=0.8)
+        ax.set_title(label, fontsize=9)
         ax.axis("off")
-    return _save(fig, path)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def image_panels(path: str | Path, panels: Sequence[tuple], title: str = "") -> Path:
+    """Side-by-side panels (label, item[, colourbar label]): (3, H, W) images as RGB, (H, W) maps in jet (NaN
+    white), a map with a colourbar where its label is given."""
+    return _save(_panels_fig(panels, title), path)
 
 
 def _window_fig(image, density, boxes: Sequence[tuple[str, tuple[int, int, int, int], str]], title: str) -> Figure:
