@@ -9,6 +9,7 @@ counter).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from utils import cli, runs
@@ -29,8 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_points(folder: Path, sides: list[int] | None) -> tuple[str, dict[int, tuple[float, float]]]:
-    """A certify run's default label and, per side, (clean MAE of its certified counter, tight-MAE)."""
+def run_points(folder: Path, sides: list[int] | None) -> tuple[str, dict[int, tuple[float, float, float]]]:
+    """A certify run's default label and, per side, (clean MAE of its certified counter, tight-MAE or NaN where no
+    image is certified, share of the images certified)."""
     record, metrics = runs.read_record(folder), load_json(folder / "metrics.json")
     if "patch_sizes" not in metrics:
         raise ToolkitError(f"{folder} is not a certify.py run (its metrics.json has no patch_sizes)")
@@ -40,10 +42,11 @@ def run_points(folder: Path, sides: list[int] | None) -> tuple[str, dict[int, tu
             continue
         clean = m["mae"] if "mae" in m else (metrics["counter"] or {}).get("mae")  # rf-mask: a counter per side
         tight = m.get("tight_mae")  # null (NaN in older files): no image certified at this side
-        if clean is not None and tight is not None and tight == tight:
-            points[int(side)] = (float(clean), float(tight))
+        tight = math.nan if tight is None or tight != tight else float(tight)
+        if clean is not None:
+            points[int(side)] = (float(clean), tight, float(m.get("certified_fraction", tight == tight)))
     if not points:
-        raise ToolkitError(f"{folder} has no certified side among {sides or 'its sides'}")
+        raise ToolkitError(f"{folder} has no side among {sides or 'its sides'}")
     return f"{folder.name} ({record.get('model', '?')}, {metrics['method']})", points
 
 
@@ -69,7 +72,8 @@ def main(args: argparse.Namespace) -> Path:
         if label in points:
             raise ToolkitError(f"two runs are labelled {label!r}; give --labels")
         points[label] = per_side
-        print(f"{folder}: " + ", ".join(f"{s} px clean {c:.2f} tight {t:.2f}" for s, (c, t) in per_side.items()))
+        print(f"{folder}: " + ", ".join(f"{s} px clean {c:.2f} tight {t:.2f} ({f:.0%} certified)"
+                                        for s, (c, t, f) in per_side.items()))
     path = tradeoff_figure(args.out, points, floors)
     print(f"-> {path}")
     return path

@@ -328,39 +328,65 @@ def bar_figure(path: str | Path, groups: dict[str, dict[str, float]], ylabel: st
     return _save(_bar_fig(groups, ylabel, title, xlabel), path)
 
 
-def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float]]], title: str = "",
+def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float, float]]], title: str = "",
                   floors: dict[int, float] | None = None) -> Figure:
-    fig, ax = plt.subplots(figsize=(5.6, 4.2), layout="constrained")
-    markers, values = "osD^v<>p", []
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    markers = "osD^v<>p"
     sides = sorted({side for per_side in points.values() for side in per_side})
+    shape = {side: markers[k % len(markers)] for k, side in enumerate(sides)}
+    cleans = [c for per_side in points.values() for c, _, _ in per_side.values()]
+    tights = [t for per_side in points.values() for _, t, _ in per_side.values() if t == t]
+    right = 1.15 * max(cleans)
+    top = 1.12 * max(tights + [max(cleans), *(floors or {}).values()])
+    handles, partial, nothing = [], False, False
     for label, per_side in points.items():
-        xs, ys = zip(*(per_side[s] for s in sorted(per_side)), strict=True)
-        (line,) = ax.plot(xs, ys, alpha=0.5, lw=1)
-        for side in sorted(per_side):
-            x, y = per_side[side]
-            ax.plot(x, y, markers[sides.index(side) % len(markers)], color=line.get_color(), ms=7)
-            ax.annotate(f"{side}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
-        line.set_label(label)
-        values.append((max(xs), max(ys)))
-    right, top = 1.15 * max(x for x, _ in values), 1.1 * max(y for _, y in values)
-    ax.plot([0, right], [0, right], "k:", lw=0.8, label="worst case = clean error")
+        certified = [(s, c, t) for s, (c, t, _) in sorted(per_side.items()) if t == t]
+        (line,) = ax.plot([c for _, c, _ in certified], [t for _, _, t in certified], alpha=0.5, lw=1)
+        color = line.get_color()
+        handles.append(Line2D([], [], color=color, lw=2, label=label))
+        for side, (clean, tight, fraction) in sorted(per_side.items()):
+            if tight != tight:  # no image certified: no worst case to plot, so drawn at the top, pointing up
+                ax.plot(clean, top * 0.97, "^", color=color, ms=8, mfc="white", mew=1.5)
+                ax.annotate(f"{side} px: none certified", (clean, top * 0.97), textcoords="offset points",
+                            xytext=(6, -3), fontsize=6.5, color=color)
+                nothing = True
+                continue
+            hollow = fraction < 1
+            ax.plot(clean, tight, shape[side], color=color, ms=7, mfc="white" if hollow else color, mew=1.5)
+            if hollow:
+                ax.annotate(f"{fraction:.0%} certified", (clean, tight), textcoords="offset points", xytext=(6, -3),
+                            fontsize=6.5, color=color)
+                partial = True
+    handles += [Line2D([], [], ls="", marker=shape[s], color="0.3", label=f"{s} px patch") for s in sides]
+    if partial:
+        handles.append(Line2D([], [], ls="", marker="o", color="0.3", mfc="white", label="some images not certified"))
+    if nothing:
+        handles.append(Line2D([], [], ls="", marker="^", color="0.3", mfc="white",
+                              label="none certified (drawn at the top)"))
+    ax.plot([0, right], [0, right], "k:", lw=0.8)
+    handles.append(Line2D([], [], color="k", ls=":", lw=0.8, label="worst case = clean error"))
     shown = {side: floor for side, floor in sorted((floors or {}).items()) if side in sides}
-    for k, floor in enumerate(shown.values()):  # no counter's worst case can lie below its side's floor
-        ax.axhline(floor, color="0.5", ls="--", lw=0.7, label="floor (most heads under an s×s square): " + ", ".join(
-            f"{side} px {value:.1f}" for side, value in shown.items()) if k == 0 else None)
+    for floor in shown.values():  # no counter's worst case can lie below its side's floor
+        ax.axhline(floor, color="0.5", ls="--", lw=0.7)
+    if shown:
+        handles.append(Line2D([], [], color="0.5", ls="--", lw=0.7, label="floor (most heads under an s×s square):\n"
+                              + ", ".join(f"{side} px {value:.1f}" for side, value in shown.items())))
     ax.set_xlim(0, right)
     ax.set_ylim(0, top)
     ax.set_xlabel("clean MAE of the certified counter")
     ax.set_ylabel("certified worst case: tight-MAE")
-    ax.set_title(title or "certified trade-off (points labelled with the patch side, px)", fontsize=10)
-    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: clear of the points
+    ax.set_title(title or "certified trade-off: clean error against certified worst case", fontsize=10)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: clear of points
     ax.grid(alpha=0.3)
     return fig
 
 
-def tradeoff_figure(path: str | Path, points: dict[str, dict[int, tuple[float, float]]], floors: dict[int, float] |
-                    None = None, title: str = "") -> Path:
-    """Per model (a line) and patch side (a marker): the certified counter's clean MAE against its tight-MAE, both
-    axes from 0, with the diagonal where the certified worst case equals the clean error and, per side in `floors`,
-    a dashed line at its floor."""
+def tradeoff_figure(path: str | Path, points: dict[str, dict[int, tuple[float, float, float]]],
+                    floors: dict[int, float] | None = None, title: str = "") -> Path:
+    """Per model (a colour) and patch side (a marker shape): (clean MAE of the certified counter, tight-MAE, share of
+    images certified), both axes from 0. A side partly certified is a hollow marker with its share written; one with
+    nothing certified (tight-MAE NaN) a hollow triangle at the top. The diagonal is where the worst case equals the
+    clean error, the dashed lines the floors of `floors`."""
     return _save(_tradeoff_fig(points, title, floors), path)
