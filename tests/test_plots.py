@@ -94,6 +94,14 @@ def test_a_small_change_of_a_positive_curve_keeps_its_size():
     assert all(float(t).is_integer() for t in ax.get_xticks())
 
 
+def test_a_curve_of_one_epoch_has_integer_ticks():
+    fig = _curve_fig({"loss": [0.5]}, ylabel="loss")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert shown == [1.0]
+
+
 def test_a_negative_curve_is_not_pinned_to_zero_but_shows_its_change():
     fig = _curve_fig({"APAM loss": [-120.0, -121.0, -122.0]}, ylabel="loss", title="APAM loss per epoch")
     ax = fig.axes[0]

@@ -120,14 +120,16 @@ def _window_fig(image, density, boxes: Sequence[tuple[str, tuple[int, int, int, 
 
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), layout="constrained")
     axes[0].imshow(_array(image).transpose(1, 2, 0).clip(0, 1))
+    axes[0].set_title("image", fontsize=9)
+    axes[1].set_title("density of the model", fontsize=9)
     den = _array(density).squeeze()
     shown = axes[1].imshow(den, cmap="jet", vmin=0, extent=(0, image.shape[-1], image.shape[-2], 0),
                            interpolation="nearest")
     fig.colorbar(shown, ax=axes[1], label=DENSITY_LABEL, shrink=0.9)
     for ax in axes:
         for label, (top, left, height, width), color in boxes:
-            ax.add_patch(Rectangle((left, top), width, height, fill=False, edgecolor=color, lw=2,
-                                   label=label if ax is axes[0] else None))
+            ax.add_patch(Rectangle((left, top), width, height, fill=False, edgecolor=color, lw=2, clip_on=False,
+                                   label=label if ax is axes[0] else None))  # unclipped: an edge on the border shows
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0].legend(fontsize=7, loc="lower left")
@@ -291,7 +293,9 @@ def _curve_fig(series: dict[str, Sequence[float]], xlabel: str = "epoch", ylabel
     ax.set_title("\n".join([title or ylabel or "curve", *notes]), fontsize=10 if not notes else 9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    longest = max((len(list(ys)) for ys in series.values()), default=1)
+    ax.set_xlim(0.5, max(longest, 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: the tick 1, not 0.945, 0.96…
     if len(series) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
