@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from utils.io import save_json  # noqa: E402
 
-BENCHMARKS = ("density", "ablation", "attack", "certify", "throughput")
+BENCHMARKS = ("density", "ablation", "attack", "certify", "throughput", "count")
 
 
 def run(name: str, device: str) -> dict:
