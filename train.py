@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from utils import cli, runs
-from utils.training import DEFAULTS, fit
+from utils.training import DEFAULTS, Recipe, fit
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--erase", type=float, default=0.0,
                        help="probability, per training crop, of replacing a random rectangle by noise "
                             "(its heads removed from the target)")
+    group.add_argument("--count-loss", type=cli.non_negative_float, default=0.0,
+                       help="weight of each crop's absolute count error added to the density MSE (0: plain MSE)")
     cli.add_run_args(parser)
     return parser
 
@@ -29,7 +31,8 @@ def main(args: argparse.Namespace) -> dict:
     out, device, model, train_set, val_set, test_set = cli.training_setup(args, "train", erase=args.erase)
     summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
-                  resume=args.resume, record=runs.settings(args), seed=args.seed, figure_format=args.figure_format)
+                  resume=args.resume, record=runs.settings(args), recipe=Recipe(args.count_loss), seed=args.seed,
+                  figure_format=args.figure_format)
     print(f"-> {out}")
     return summary
 

@@ -101,13 +101,16 @@ class CrowdCounter(nn.Module):
         """Predicted head count per image, shape (N,)."""
         return self(x).sum(dim=(1, 2, 3))
 
-    def loss(self, x: Tensor, target: Tensor) -> Tensor:
-        """Training loss against a target density at the output resolution: summed MSE per image."""
+    def loss(self, x: Tensor, target: Tensor, count_weight: float = 0.0) -> Tensor:
+        """Training loss against a target density at the output resolution: summed MSE per image, plus
+        `count_weight` times the mean absolute count error of the crops."""
         pred, logits = self._outputs(x)
         if pred.shape != target.shape:
             raise ToolkitError(f"{self.name} target density must have shape {tuple(pred.shape)}, "
                                f"got {tuple(target.shape)}")
         loss = F.mse_loss(pred, target, reduction="sum") / x.shape[0]  # float32 under autocast
+        if count_weight:  # the MSE barely sees an offset spread over thousands of cells; the count sees all of it
+            loss = loss + count_weight * (pred.float().sum((1, 2, 3)) - target.float().sum((1, 2, 3))).abs().mean()
         if logits is not None:
             counts = target.float().sum(dim=(1, 2, 3))
             loss = loss + LEVEL_LOSS_WEIGHT * density_level_loss(logits, counts, self.level_width)

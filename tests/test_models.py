@@ -192,3 +192,16 @@ def test_smallfield_output_is_never_negative_and_never_dies():
     loss = model.train().loss(x, torch.full((2, 1, 16, 16), 0.01))
     loss.backward()
     assert model.net.head[-2].bias.grad.abs() > 0  # training still has a gradient to bring them back
+
+
+def test_the_count_term_adds_the_mean_absolute_count_error_of_the_crops():
+    torch.manual_seed(0)
+    model = build("smallfield").double().eval()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    target = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 0.2
+    with torch.no_grad():
+        pred = model(x)
+        mse = ((pred - target) ** 2).sum() / 3
+        count_error = (pred.sum((1, 2, 3)) - target.sum((1, 2, 3))).abs().mean()
+        torch.testing.assert_close(model.loss(x, target), mse)
+        torch.testing.assert_close(model.loss(x, target, count_weight=0.5), mse + 0.5 * count_error)

@@ -70,6 +70,15 @@ def test_bfloat16_autocast_trains_on_the_cpu_and_is_recorded(tiny_crowds, tmp_pa
     assert runtime.autocasts(torch.device("cpu")) and summary["mae"] == summary["mae"]  # configured; finite
 
 
+def test_the_count_loss_is_recorded_and_changes_training(tiny_crowds, tmp_path):
+    plain = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "plain", "--epochs", "1")))
+    counted = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "count", "--epochs", "1",
+                                                                   "--count-loss", "0.5")))
+    assert json.loads((tmp_path / "count" / "args.json").read_text())["count_loss"] == 0.5
+    assert float(_log(tmp_path / "count")[0]["loss"]) > float(_log(tmp_path / "plain")[0]["loss"])
+    assert plain["mae"] != counted["mae"]
+
+
 def _weights(out: Path) -> dict:
     return load_checkpoint(out / "last.pt")["state_dict"]
 

@@ -116,6 +116,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
 class OrderedPair(argparse.Action):
     """`nargs=2` values MIN MAX: a usage error when MIN > MAX."""
 

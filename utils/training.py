@@ -38,8 +38,11 @@ class Recipe:
     settings a checkpoint's user needs (the ablation or patch spec) through `record`.
     """
 
+    def __init__(self, count_weight: float = 0.0):
+        self.count_weight = count_weight  # the weight of the crops' absolute count error beside the MSE
+
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
-        return model.loss(images, targets)
+        return model.loss(images, targets, self.count_weight) if self.count_weight else model.loss(images, targets)
 
     def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
                  epoch: int) -> tuple[dict, list[dict]]:
