@@ -70,3 +70,33 @@ def resolve(weights: str | Path) -> Path:
 def calibration(found: Release) -> Path:
     """A release's calibration file, digest-checked."""
     return verified(found.calibration, found.calibration_sha256, f"the calibration of release {found.name}")
+
+
+def publish(name: str, checkpoint: Path, calibration_file: Path) -> Release:
+    """Write a release: the weights of a run checkpoint (model, build kwargs and state dict only: no optimiser, no
+    history) and its calibration into `WEIGHTS_DIR`, their digests into the manifest (replacing a release of that
+    name)."""
+    import shutil
+
+    import torch
+
+    from models import build
+    from models.weights import checkpoint_state
+    from utils.io import atomic_write, load_checkpoint, save_json
+
+    state = load_checkpoint(checkpoint)
+    model = build(state["model"], checkpoint, **state.get("model_kwargs", {}))
+    weights, calibration_copy = WEIGHTS_DIR / f"{name}.pt", WEIGHTS_DIR / f"{name}.calibration.json"
+    atomic_write(weights, lambda tmp: torch.save(checkpoint_state(model), tmp))
+    atomic_write(calibration_copy, lambda tmp: shutil.copyfile(calibration_file, tmp))
+    entries = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
+    entries[name] = {"model": state["model"], "weights": weights.name, "weights_sha256": sha256(weights),
+                     "calibration": calibration_copy.name, "calibration_sha256": sha256(calibration_copy)}
+    save_json(MANIFEST, dict(sorted(entries.items())))
+    return releases()[name]
+
+
+if __name__ == "__main__":  # python -m models.releases NAME CHECKPOINT CALIBRATION
+    import sys
+
+    print(publish(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])))

@@ -1,12 +1,12 @@
 """count.py: certified intervals equal certify.py's, videos frame by frame, bad input; the released weights."""
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import certify
 import count
@@ -99,18 +99,16 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_mcnn, tiny_crowds, certif
 
 @pytest.fixture
 def release(tiny_mcnn, certified_run, tmp_path, monkeypatch) -> releases.Release:
-    """A release manifest in a temporary weights/ folder: the tiny MCNN and its calibration as `tiny-mcnn`."""
+    """The tiny MCNN and its calibration published as release `tiny-mcnn` into a temporary weights/ folder."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    shutil.copy(tiny_mcnn, folder / "tiny.pt")
-    shutil.copy(certified_run / "calibration.json", folder / "tiny.calibration.json")
-    (folder / "releases.json").write_text(json.dumps({"tiny-mcnn": {
-        "model": "mcnn", "weights": "tiny.pt", "weights_sha256": releases.sha256(folder / "tiny.pt"),
-        "calibration": "tiny.calibration.json",
-        "calibration_sha256": releases.sha256(folder / "tiny.calibration.json")}}))
     monkeypatch.setattr(releases, "WEIGHTS_DIR", folder)
     monkeypatch.setattr(releases, "MANIFEST", folder / "releases.json")
-    return releases.releases()["tiny-mcnn"]
+    published = releases.publish("tiny-mcnn", tiny_mcnn, certified_run / "calibration.json")
+    assert published == releases.releases()["tiny-mcnn"] and published.model == "mcnn"
+    assert sorted(torch.load(published.weights, weights_only=True)) == ["model", "model_kwargs", "state_dict"]
+    assert published.weights.stat().st_size < tiny_mcnn.stat().st_size  # weights only: no optimiser state
+    return published
 
 
 def test_a_release_name_sets_the_model_and_its_calibration(release, tiny_crowds, certified_run, tmp_path, cli_error):
