@@ -15,11 +15,22 @@ from models import releases
 
 
 @pytest.fixture(scope="module")
-def certified_run(tiny_mcnn, tiny_crowds, tmp_path_factory) -> Path:
+def tiny_sf(tmp_path_factory) -> Path:
+    """An untrained SmallField (seed 0): its field is measured in a second, MCNN's in ten; it counts, if badly."""
+    from models import build
+    from models.weights import checkpoint_state
+    from utils.io import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("sf") / "sf.pt", checkpoint_state(build("smallfield", seed=0)))
+
+
+@pytest.fixture(scope="module")
+def certified_run(tiny_sf, tiny_crowds, tmp_path_factory) -> Path:
     """certify.py --method rf-mask on the tiny test split, calibrated on its train split."""
     out = tmp_path_factory.mktemp("certified") / "run"
     certify.main(certify.get_args_parser().parse_args([
-        "--weights", str(tiny_mcnn), "--data", str(tiny_crowds / "test_data"), "--method", "rf-mask", "--calibrate",
+        "--model", "smallfield", "--weights", str(tiny_sf), "--data", str(tiny_crowds / "test_data"), "--method",
+        "rf-mask", "--calibrate",
         str(tiny_crowds / "train_data"), "--patch-sizes", "8", "16", "--figures", "0", "--device", "cpu",
         "--out", str(out)]))
     return out
@@ -29,13 +40,14 @@ def _count(argv: list[str]) -> dict:
     return count.main(count.get_args_parser().parse_args([*argv, "--device", "cpu"]))
 
 
-def test_intervals_equal_certify_py_for_the_same_images(tiny_mcnn, tiny_crowds, certified_run, tmp_path, capsys):
-    _count([str(tiny_crowds / "test_data" / "images"), "--model", "mcnn", "--weights", str(tiny_mcnn),
+def test_intervals_equal_certify_py_for_the_same_images(tiny_sf, tiny_crowds, certified_run, tmp_path, capsys):
+    _count([str(tiny_crowds / "test_data" / "images"), "--model", "smallfield", "--weights", str(tiny_sf),
                      "--calibration", str(certified_run / "calibration.json"), "--patch-sizes", "8", "16",
                      "--out", str(tmp_path / "c"), "--figures"])
     expected = list(csv.DictReader(open(certified_run / "per_image.csv")))
     rows = list(csv.DictReader(open(tmp_path / "c" / "counts.csv")))
     assert [Path(r["source"]).name for r in rows] == [r["image"] for r in expected]
+    assert all(float(r["count"]) > 0 and float(r["U16"]) > float(r["L16"]) for r in rows)  # not a vacuous match
     for got, want in zip(rows, expected, strict=True):
         for key in ("count8", "L8", "U8", "count16", "L16", "U16"):
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-6), key
@@ -55,11 +67,11 @@ def _video(path: Path, frames: list[np.ndarray]) -> Path:
     return path
 
 
-def test_a_video_gives_one_row_per_counted_frame(tiny_mcnn, tiny_crowds, certified_run, tmp_path):
+def test_a_video_gives_one_row_per_counted_frame(tiny_sf, tiny_crowds, certified_run, tmp_path):
     images = list_images(tiny_crowds / "test_data")
     frames = [cv2.imread(str(images[i % len(images)])) for i in range(5)]
     video = _video(tmp_path / "crowd.avi", frames)
-    argv = [str(video), "--model", "mcnn", "--weights", str(tiny_mcnn), "--calibration",
+    argv = [str(video), "--model", "smallfield", "--weights", str(tiny_sf), "--calibration",
             str(certified_run / "calibration.json"), "--patch-sizes", "8", "16"]
     every = _count([*argv, "--out", str(tmp_path / "all"), "--figures"])
     assert [r["frame"] for r in every["rows"]] == [0, 1, 2, 3, 4]
@@ -73,14 +85,15 @@ def test_a_video_gives_one_row_per_counted_frame(tiny_mcnn, tiny_crowds, certifi
     assert not (Path.cwd() / "runs").exists()  # no --out, no --figures: nothing written
 
 
-def test_bad_input_is_one_line_and_leaves_nothing(tiny_mcnn, tiny_crowds, certified_run, tmp_path, cli_error):
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_sf, tiny_crowds, certified_run, tmp_path, cli_error):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     (tmp_path / "blank.avi").write_bytes(b"")
-    model = ["--model", "mcnn", "--weights", str(tiny_mcnn), "--calibration", str(certified_run / "calibration.json"),
-             "--patch-sizes", "8", "--out", str(tmp_path / "out")]  # the output folder no failure may leave
+    # --out: the folder no failure may leave behind
+    model = ["--model", "smallfield", "--weights", str(tiny_sf), "--calibration",
+             str(certified_run / "calibration.json"), "--patch-sizes", "8", "--out", str(tmp_path / "out")]
     image = str(list_images(tiny_crowds / "test_data")[0])
     cases = [([str(tmp_path / "notes.txt")], "is not an image"),
              ([str(tmp_path / "empty")], "holds no images or videos"),
@@ -89,7 +102,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_mcnn, tiny_crowds, certif
              ([str(tmp_path / "broken.jpg")], "cannot read image"),
              ([str(tmp_path / "broken.mp4")], "cannot open video"),
              ([str(tmp_path / "blank.avi")], "cannot open video"),
-             ([image, "--model", "mcnn", "--weights", str(tiny_mcnn)], "--calibration is needed"),
+             ([image, "--model", "smallfield", "--weights", str(tiny_sf)], "--calibration is needed"),
              ([image, "--patch-sizes", "99"], "holds no rf-mask constant")]
     for argv, message in cases:
         code, lines = cli_error(count, argv if "--weights" in argv else [*model, *argv])  # argv's flags last: they win
@@ -98,32 +111,34 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_mcnn, tiny_crowds, certif
 
 
 @pytest.fixture
-def release(tiny_mcnn, certified_run, tmp_path, monkeypatch) -> releases.Release:
-    """The tiny MCNN and its calibration published as release `tiny-mcnn` into a temporary weights/ folder."""
+def release(tiny_mcnn, tiny_sf, certified_run, tmp_path, monkeypatch) -> releases.Release:
+    """The tiny SmallField and its calibration published as release `tiny-sf` into a temporary weights/ folder
+    (the size check against a full training checkpoint: the tiny MCNN's)."""
     folder = tmp_path / "weights"
     folder.mkdir()
     monkeypatch.setattr(releases, "WEIGHTS_DIR", folder)
     monkeypatch.setattr(releases, "MANIFEST", folder / "releases.json")
-    published = releases.publish("tiny-mcnn", tiny_mcnn, certified_run / "calibration.json")
-    assert published == releases.releases()["tiny-mcnn"] and published.model == "mcnn"
+    published = releases.publish("tiny-sf", tiny_sf, certified_run / "calibration.json")
+    assert published == releases.releases()["tiny-sf"] and published.model == "smallfield"
     assert sorted(torch.load(published.weights, weights_only=True)) == ["model", "model_kwargs", "state_dict"]
-    assert published.weights.stat().st_size < tiny_mcnn.stat().st_size  # weights only: no optimiser state
+    mcnn = releases.publish("tiny-mcnn", tiny_mcnn, certified_run / "calibration.json")  # from a run's last.pt
+    assert mcnn.weights.stat().st_size < tiny_mcnn.stat().st_size / 2  # weights only: no optimiser state
     return published
 
 
 def test_a_release_name_sets_the_model_and_its_calibration(release, tiny_crowds, certified_run, tmp_path, cli_error):
     image = str(list_images(tiny_crowds / "test_data")[0])
-    named = _count([image, "--weights", "tiny-mcnn", "--patch-sizes", "8", "16"])  # --model omitted: the release's
-    assert named["model"] == "mcnn" and named["calibration"] == str(release.calibration)
-    by_path = _count([image, "--model", "mcnn", "--weights", str(release.weights), "--calibration",
+    named = _count([image, "--weights", "tiny-sf", "--patch-sizes", "8", "16"])  # --model omitted: the release's
+    assert named["model"] == "smallfield" and named["calibration"] == str(release.calibration)
+    by_path = _count([image, "--model", "smallfield", "--weights", str(release.weights), "--calibration",
                       str(certified_run / "calibration.json"), "--patch-sizes", "8", "16"])
     assert named["rows"][0]["L16"] == by_path["rows"][0]["L16"]
-    code, lines = cli_error(count, [image, "--weights", "tiny-mcnn", "--model", "csrnet"])
+    code, lines = cli_error(count, [image, "--weights", "tiny-sf", "--model", "csrnet"])
     assert code == 2 and lines == [
-        "count.py: error: --weights tiny-mcnn is a mcnn release, not csrnet: leave --model out"]
+        "count.py: error: --weights tiny-sf is a smallfield release, not csrnet: leave --model out"]
     # certify.py takes the release's calibration too
     metrics = certify.main(certify.get_args_parser().parse_args([
-        "--weights", "tiny-mcnn", "--data", str(tiny_crowds / "test_data"), "--method", "rf-mask", "--patch-sizes",
+        "--weights", "tiny-sf", "--data", str(tiny_crowds / "test_data"), "--method", "rf-mask", "--patch-sizes",
         "16", "--figures", "0", "--device", "cpu", "--out", str(tmp_path / "cert")]))
     assert metrics["patch_sizes"]["16"]["certified_fraction"] == 1.0
 
@@ -132,5 +147,5 @@ def test_a_release_file_with_a_wrong_digest_is_refused(release, tiny_crowds, cli
     image = str(list_images(tiny_crowds / "test_data")[0])
     with open(release.weights, "ab") as f:
         f.write(b"\0")
-    code, lines = cli_error(count, [image, "--weights", "tiny-mcnn"])
+    code, lines = cli_error(count, [image, "--weights", "tiny-sf"])
     assert code == 2 and len(lines) == 1 and "does not match the SHA-256 digest" in lines[0]
