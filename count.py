@@ -6,7 +6,7 @@ Part B (sparse street scenes) counts, with its own calibration.
 
     python count.py photo.jpg
     python count.py photos/ "more/*.png" --patch-sizes 40 81 --out runs/count/mine --figures
-    python count.py street.mp4 --every 10 --weights smallfield-A --out runs/count/street --figures
+    python count.py street.mp4 --every 10 --out runs/count/street --figures
 """
 from __future__ import annotations
 
