@@ -72,10 +72,10 @@ def calibration(found: Release) -> Path:
     return verified(found.calibration, found.calibration_sha256, f"the calibration of release {found.name}")
 
 
-def publish(name: str, checkpoint: Path, calibration_file: Path) -> Release:
+def publish(name: str, checkpoint: str | Path, calibration_file: str | Path) -> Release:
     """Write a release: the weights of a run checkpoint (model, build kwargs and state dict only: no optimiser, no
     history) and its calibration into `WEIGHTS_DIR`, their digests into the manifest (replacing a release of that
-    name)."""
+    name). From a shell: `python -c "from models.releases import publish; publish(NAME, CHECKPOINT, CALIBRATION)"`."""
     import shutil
 
     import torch
@@ -95,8 +95,3 @@ def publish(name: str, checkpoint: Path, calibration_file: Path) -> Release:
     save_json(MANIFEST, dict(sorted(entries.items())))
     return releases()[name]
 
-
-if __name__ == "__main__":  # python -m models.releases NAME CHECKPOINT CALIBRATION
-    import sys
-
-    print(publish(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])))

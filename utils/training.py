@@ -38,8 +38,10 @@ class Recipe:
     settings a checkpoint's user needs (the ablation or patch spec) through `record`.
     """
 
+    count_weight = 0.0  # the weight of the crops' absolute count error beside the MSE (subclasses: none)
+
     def __init__(self, count_weight: float = 0.0):
-        self.count_weight = count_weight  # the weight of the crops' absolute count error beside the MSE
+        self.count_weight = count_weight
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         return model.loss(images, targets, self.count_weight) if self.count_weight else model.loss(images, targets)
