@@ -19,7 +19,7 @@ import torch
 from datasets import media
 from models import build, releases
 from models.receptive_field import receptive_field
-from utils import cli
+from utils import cli, runs
 from utils.certify import nominal_rows
 from utils.errors import ToolkitError
 from utils.io import save_csv, save_json
@@ -84,8 +84,6 @@ def _label(row: dict) -> str:
 def main(args: argparse.Namespace) -> dict:
     found = media.sources(args.paths)  # every input checked before any work
     if args.out is not None or args.figures:
-        from utils import runs
-
         runs.check_out(args, "count")
     device = pick_device(args.device)
     model = build(args.model, args.weights)
