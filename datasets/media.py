@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
-from datasets.shanghaitech import IMAGE_SUFFIXES, image_size, load_image, natural_key
+from datasets.shanghaitech import IMAGE_SUFFIXES, image_size, load_image, natural_key, pixels_to_tensor
 from datasets.transforms import resize_to_multiple
 from utils.errors import ToolkitError
 
@@ -96,9 +95,8 @@ def _frames(source: Source, every: int, grey: bool) -> Iterator[tuple[int | None
                 ok, frame = capture.retrieve()
                 if not ok:
                     raise ToolkitError(f"cannot decode frame {index} of {source.path}")
-                pixels = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY if grey else cv2.COLOR_BGR2RGB)
-                image = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255)
-                yield index, image.expand(3, *image.shape).contiguous() if grey else image.permute(2, 0, 1)
+                yield index, pixels_to_tensor(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY if grey else cv2.COLOR_BGR2RGB),
+                                              grey)
             index += 1
     finally:
         capture.release()

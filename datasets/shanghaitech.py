@@ -60,7 +60,13 @@ def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
         raise ToolkitError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ToolkitError(f"cannot read image {path}: {e}") from None
-    image = torch.from_numpy(pixels.copy()).float().div_(255)
+    return pixels_to_tensor(pixels, grey)
+
+
+def pixels_to_tensor(pixels: np.ndarray, grey: bool = False) -> torch.Tensor:
+    """uint8 pixels, (H, W, 3) RGB or (H, W) luma with `grey`, as a float (3, H, W) tensor in [0, 1] (luma in all
+    three channels)."""
+    image = torch.from_numpy(np.array(pixels)).float().div_(255)  # a copy: decoders hand out read-only arrays
     return image.expand(3, *image.shape).contiguous() if grey else image.permute(2, 0, 1)
 
 

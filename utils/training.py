@@ -44,7 +44,7 @@ class Recipe:
         self.count_weight = count_weight
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
-        return model.loss(images, targets, self.count_weight) if self.count_weight else model.loss(images, targets)
+        return model.loss(images, targets, self.count_weight)
 
     def validate(self, model: torch.nn.Module, test_set: CrowdDataset, device: torch.device, amp: bool,
                  epoch: int) -> tuple[dict, list[dict]]:
