@@ -1,45 +1,82 @@
-"""Undefended vs adversarially trained vs ablation-trained (RA) models of one architecture on one dataset, under
-the same APAM attack: per model clean MAE / RMSE and attacked MAE / RMSE per patch size (the RA model through its
-smoothed count, attacked with an expectation over ablations), and for RA the certified fraction and tight-MAE / RMSE.
-Writes comparison.md, metrics.json and a comparison figure.
+"""Defenses side by side under the same attacks: one row per counter (`--row LABEL METHOD WEIGHTS`: a plain model,
+randomized ablation's smoothed count, or the rf-clip / rf-mask certified counter of any weights) with its clean
+MAE / RMSE on the test split; APAM per patch size and target (default: maximize and minimize), each patch fitted
+through that row's counter (its certified form where it has one) on crops of the train split and evaluated at the
+worst placement of a sweep per image; the certified tight-MAE / RMSE per side beside the floor (the most heads under
+any s×s square); forward passes and seconds per image. Every attacked count of a certified row is checked against its
+own certificate, per image. Writes comparison.md, metrics.json, rows/<row>.json (each row once it is done: --resume
+reuses them, so a re-run rebuilds the table in minutes) and a figure.
 
-    python compare_defenses.py          # synthetic crowds: trains the two defended MCNNs with short schedules
-    python compare_defenses.py --vanilla V.pt --adv A.pt --ra R.pt --data ShanghaiTech/part_A_final \\
-        --patch-sizes 20 40 81 163 --attack-epochs 6 --samples 1000
+With no --row, the paper's experiment: undefended (--vanilla), adversarially trained (--adv) and ablation-trained
+(--ra) models of one architecture, each trained here when its flag is omitted (on the synthetic default with short
+schedules); with --row, only the models given.
+
+    python compare_defenses.py       # synthetic crowds: trains the adversarial and ablation MCNNs, minutes
+    python compare_defenses.py --data ShanghaiTech/part_B_final --density fixed --attack-images 60 \\
+        --row "MCNN" plain path/to/mcnn_shtechB_110.h5 --row "MCNN rf-mask" rf-mask path/to/mcnn_shtechB_110.h5 \\
+        --row "SmallField rf-mask" rf-mask smallfield-B --patch-sizes 40 81 --certify-sizes 20 40 81
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from datasets.crowd import CrowdDataset, largest_crop
 from datasets.shanghaitech import list_images
-from models import MODEL_NAMES, build, canonical_name
+from models import MODEL_NAMES, build, canonical_name, releases
+from models.receptive_field import receptive_field
 from utils import cli, runs
 from utils.ablation import AblationSpec
-from utils.attack import DEFAULT_SIDE, APAMConfig, attack_metrics
-from utils.certify import AblationCertifier, certify_patches
+from utils.attack import DEFAULT_SIDE, PROBE_LR, TARGETS, APAMConfig, attack_metrics
+from utils.certify import AblationCertifier, Certifier, certify_patches, most_heads_in_square
+from utils.engine import evaluate
 from utils.errors import ToolkitError
-from utils.io import atomic_write, load_checkpoint, save_json
+from utils.io import atomic_write, load_checkpoint, load_json, save_json
+from utils.local_eval import local_counter
+from utils.metrics import summarize
+from utils.patch import PLACEMENTS
 from utils.plots import bar_figure
 from utils.recipes import ABLATION_DEFAULTS, ADVERSARIAL_DEFAULTS, ablation_recipe, adversarial_recipe
+from utils.rf_certify import DMAX_QUANTILE, RFClipCertifier, RFMaskCertifier, calibrate, load_calibration
 from utils.runtime import pick_device, prepare_model
 from utils.text import plural
 from utils.training import DEFAULTS as PLAIN_DEFAULTS
 from utils.training import VALIDATION, fit
 from utils.victims import synthetic_victim
 
-KINDS = ("vanilla", "adv", "ra")
-LABELS = {"vanilla": "undefended", "adv": "adversarial training", "ra": "randomized ablation"}
+METHODS = ("plain", "ablation", "rf-clip", "rf-mask")
+KINDS = {"vanilla": ("undefended", "plain"), "adv": ("adversarial training", "plain"),
+         "ra": ("randomized ablation", "ablation")}
 # On the synthetic default: shorter schedules and a smaller test set, so the whole comparison takes minutes
 SHORT = {"adv_epochs": 6, "adv_val_restarts": 1, "ra_epochs": 8, "ra_warmup_epochs": 2, "max_test_images": 20}
 LONG = {"adv_epochs": ADVERSARIAL_DEFAULTS["epochs"], "adv_val_restarts": ADVERSARIAL_DEFAULTS["val_restarts"],
         "ra_epochs": ABLATION_DEFAULTS["epochs"], "ra_warmup_epochs": ABLATION_DEFAULTS["warmup_epochs"],
         "max_test_images": None}
+ABLATION_BATCH = 16  # ablations per forward pass: 16 whole 768×1024 images through MCNN fit a laptop's memory
 VICTIM = "the cached victim (train.py defaults, random erasing)"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One counter of the table: a label, how it counts (`METHODS`), its weights (a file or a release name) and,
+    for rf-clip / rf-mask, an optional calibration file (else the release's, or one made on the train split)."""
+
+    label: str
+    method: str
+    weights: str
+    calibration: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-") or "row"
 
 
 def _omitted(key: str) -> str:
@@ -50,14 +87,20 @@ def _omitted(key: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    models = parser.add_argument_group("models (checkpoints of these scripts, or original weight files)")
+    parser.resume_from = runs.RECORD  # a resumed comparison reuses the rows it saved
+    models = parser.add_argument_group("rows (checkpoints of these scripts, original weight files or release names)")
+    models.add_argument("--row", nargs="+", action="append", metavar="LABEL METHOD WEIGHTS [CALIBRATION]",
+                        help=f"a row: its label, its counter ({', '.join(METHODS)}), its weights and, for rf-clip / "
+                             "rf-mask, a calibration.json (omitted: a release's own, else calibrated on the train "
+                             "split); repeat for more rows")
     models.add_argument("--model", default="mcnn", type=canonical_name, choices=MODEL_NAMES,
-                        help="network architecture of all three models (case-insensitive)")
+                        help="architecture of the original weight files (.h5) and of the --vanilla, --adv, --ra "
+                             "models (case-insensitive); checkpoints and releases record their own")
     omitted = ("trained here as train.py does (with no data given: the cached victim)",
                "trained here as MCNN_adv_train.py does, starting from --vanilla",
                "trained here as MCNN_certify_train.py does")
-    for kind, how in zip(KINDS, omitted, strict=True):
-        models.add_argument(f"--{kind}", type=Path, help=f"weights of the {LABELS[kind]} model; omitted: {how}")
+    for (kind, (label, _)), how in zip(KINDS.items(), omitted, strict=True):
+        models.add_argument(f"--{kind}", type=Path, help=f"weights of the {label} row; omitted: without --row, {how}")
     cli.add_data_args(parser)
     group = parser.add_argument_group("training (of the models not given; omitted: the scripts' defaults, or the "
                                       "shorter schedules of the synthetic default)")
@@ -69,15 +112,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help=f"ablation training epochs ({_omitted('ra_epochs')})")
     group.add_argument("--ra-warmup-epochs", type=cli.non_negative_int, help="clean epochs before ablation starts "
                        f"({_omitted('ra_warmup_epochs')})")
-    group = parser.add_argument_group("attack (probe patches, optimised per model)")
+    group = parser.add_argument_group("attack (probe patches, optimised per row)")
     group.add_argument("--patch-sizes", type=cli.positive_int, nargs="+", default=[20, DEFAULT_SIDE],
                        help="sides of the probe patches, in pixels (adversarial training uses the largest)")
-    cli.add_patch_args(parser, group, placement=False)
+    group.add_argument("--targets", nargs="+", choices=TARGETS, default=["maximize", "minimize"],
+                       help="APAM objectives, one probe per target and side (as patch_attack.py --target)")
+    cli.add_patch_args(parser, group)
+    group.add_argument("--eval-placement", choices=PLACEMENTS, default="sweep",
+                       help="where the probe goes on the test images; sweep tries a 3×3 grid of positions per image "
+                            "and keeps the count farthest from the truth")
+    group.add_argument("--attack-images", type=cli.positive_int,
+                       help="evaluate the attacks (and randomized ablation, N passes per image) on this many test "
+                            "images, evenly spaced in the split's order (listed in metrics.json); omitted: all")
     group.add_argument("--attack-epochs", type=cli.positive_int, default=6,
                        help="passes of each probe patch over crops of the train split (of the test split when "
                             "there is no train split)")
     group.add_argument("--restarts", type=cli.positive_int, default=2,
-                       help="probe patches per model and size; the strongest counts")
+                       help="probe patches per row, size and target; the strongest counts")
     group.add_argument("--attack-crop", type=cli.positive_int, default=128,
                        help="side of the crops the probe patches are optimised on, in pixels (RA keeps the same "
                             "share of units in a crop as in an image)")
@@ -86,11 +137,58 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--eot", type=cli.positive_int, default=2,
                        help="ablations per crop in each attack step on RA (expectation over ablations)")
     cli.add_ablation_args(parser, trained=False)
-    group = parser.add_argument_group("certificate (RA model)")
-    group.add_argument("--samples", type=cli.positive_int, default=100, help="ablations per image (N)")
-    group.add_argument("--alpha", type=float, default=0.05, help="1 − confidence of the ablation certificate")
+    group = parser.add_argument_group("certificates")
+    group.add_argument("--certify-sizes", type=cli.positive_int, nargs="+",
+                       help="patch sides to certify (tight-MAE columns); omitted: --patch-sizes")
+    group.add_argument("--samples", type=cli.positive_int, default=100, help="ablation: ablations per image (N)")
+    group.add_argument("--alpha", type=float, default=0.05, help="ablation: 1 − confidence of the certificate")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the comparison in --out: rows already done (rows/*.json) are reused, and "
+                            "--row adds rows to it")
     cli.add_run_args(parser)
+    parser.set_defaults(placement="random")  # a universal patch for a placement sweep: fitted anywhere
     return parser
+
+
+def _parse_rows(entries: list[list[str]] | None) -> list[Row]:
+    rows = []
+    for entry in entries or []:
+        if len(entry) not in (3, 4):
+            raise ToolkitError(f"--row takes LABEL METHOD WEIGHTS [CALIBRATION], got {' '.join(entry)!r}")
+        row = Row(*entry)
+        if row.method not in METHODS:
+            raise ToolkitError(f"--row {row.label!r}: unknown method {row.method!r}; choose from {', '.join(METHODS)}")
+        if releases.find(row.weights) is None and not Path(row.weights).is_file():
+            raise ToolkitError(f"--row {row.label!r}: weights not found: {row.weights} (a file or a release name: "
+                               f"{', '.join(releases.releases()) or 'none'})")
+        if row.calibration is not None and row.method not in ("rf-clip", "rf-mask"):
+            raise ToolkitError(f"--row {row.label!r}: a calibration is for rf-clip and rf-mask, not {row.method}")
+        if row.calibration is not None and not Path(row.calibration).is_file():
+            raise ToolkitError(f"--row {row.label!r}: calibration not found: {row.calibration}")
+        rows.append(row)
+    slugs = [r.slug for r in rows]
+    if len(set(slugs)) < len(slugs):
+        raise ToolkitError("two --row labels name the same row file (rows/<label>.json): give each row its own label")
+    return rows
+
+
+def _architecture(weights: str | Path, default: str) -> str:
+    """The model a weight file holds: a release's or a checkpoint's record, else `default` (original .h5 files)."""
+    found = releases.find(weights)
+    if found is not None:
+        return found.model
+    if Path(weights).suffix.lower() in (".h5", ".hdf5"):
+        return default
+    return load_checkpoint(weights).get("model") or default
+
+
+def _build(weights: str | Path, default: str):
+    """The model a weight file holds, built with the options its checkpoint records."""
+    path = releases.resolve(weights)
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        return build(default, path)
+    state = load_checkpoint(path)
+    return build(state.get("model") or default, path, **state.get("model_kwargs", {}))
 
 
 def _check_architectures(args: argparse.Namespace) -> None:
@@ -98,7 +196,7 @@ def _check_architectures(args: argparse.Namespace) -> None:
         path = getattr(args, kind)
         if path is None or path.suffix.lower() in (".h5", ".hdf5"):  # original weight files: build() checks them
             continue
-        name = load_checkpoint(path).get("model")
+        name = _architecture(path, args.model)
         if name != args.model:
             raise ToolkitError(f"--{kind} {path} holds a {name} model, not {args.model}: all three must share one "
                                "architecture (--model)")
@@ -109,6 +207,8 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
     """Checkpoint of `kind` trained here, as its script trains it (with --adv-epochs etc. in place of --epochs)."""
     if kind == "vanilla" and synthetic:
         return synthetic_victim(args.model, device, args.seed)
+    if (out / kind / "last.pt").is_file():  # trained by the run being resumed
+        return out / kind / ("best.pt" if (out / kind / "best.pt").is_file() else "last.pt")
     defaults = {"vanilla": PLAIN_DEFAULTS, "adv": ADVERSARIAL_DEFAULTS, "ra": ABLATION_DEFAULTS}[kind]
     model = build(args.model, checkpoints["vanilla"] if kind == "adv" else None, seed=args.seed)
     # the scripts' crop, or the largest that fits an image of each split where that is smaller (small data)
@@ -137,107 +237,246 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
     return best if best.is_file() else out / kind / "last.pt"
 
 
-def _ra_spec(args: argparse.Namespace, checkpoint: Path) -> AblationSpec:
-    """The ablation the RA model was trained with (--keep, --unit, --fill override it)."""
-    trained = AblationSpec.from_checkpoint(load_checkpoint(checkpoint)) if checkpoint.suffix != ".h5" else None
+def _ablation_spec(args: argparse.Namespace, weights: str | Path) -> AblationSpec:
+    """The ablation a checkpoint was trained with (--keep, --unit, --fill override it)."""
+    path = releases.resolve(weights)
+    trained = AblationSpec.from_checkpoint(load_checkpoint(path)) if path.suffix.lower() not in (".h5", ".hdf5") \
+        else None
     if trained is None and args.keep is None:
-        raise ToolkitError(f"--ra {checkpoint} records no ablation (not from MCNN_certify_train.py); pass --keep")
+        raise ToolkitError(f"{weights} records no ablation (not from MCNN_certify_train.py); pass --keep")
     return cli.ablation_spec(args, trained)
 
 
-def _evaluate(kind: str, model, attack_root: Path, test_root: Path, args: argparse.Namespace, device: torch.device,
-              ablation: AblationSpec | None, gen: torch.Generator) -> dict:
-    """Clean and probe-attacked metrics of one model; for RA those of its smoothed count, plus the certificate.
-    The probe patches are optimised on crops of `attack_root` (as patch_attack.py, a split other than the test's)."""
+def _attack_subset(dataset: CrowdDataset, n: int | None) -> CrowdDataset:
+    """`n` images evenly spaced in the split's order (all of them when `n` is omitted or not smaller)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.subset(sorted({int(i) for i in np.linspace(0, len(dataset) - 1, n).round()}))
+
+
+def _calibration(row: Row, model, args: argparse.Namespace, train_root: Path, sides: list[int], out: Path,
+                 device: torch.device):
+    """rf-clip / rf-mask constants: the row's file, a release's own, or calibrated on the train split (once per
+    weights file, kept in calibration/ for the other rows and a resumed run)."""
+    rf = receptive_field(model)
+    found = releases.find(row.weights)
+    if row.calibration is not None or found is not None:
+        return load_calibration(Path(row.calibration) if row.calibration else releases.calibration(found), rf)
+    path = out / "calibration" / f"{re.sub(r'[^A-Za-z0-9]+', '-', str(row.weights)).strip('-')}.json"
+    if path.is_file():
+        return load_calibration(path, rf)
+    split = CrowdDataset.for_model(train_root, model, density=args.density, cache=False)
+    calibration = calibrate(model, split, rf, sides, device, DMAX_QUANTILE, args.amp)
+    calibration.save(path)
+    return calibration
+
+
+def _certifier(row: Row, model, args: argparse.Namespace, train_root: Path, sides: list[int], out: Path,
+               device: torch.device, samples: int) -> Certifier | None:
+    """The row's certified counter (None for a plain model), with `samples` ablations per image for ablation."""
+    if row.method == "plain":
+        return None
+    if row.method == "ablation":
+        return AblationCertifier(_ablation_spec(args, row.weights), samples, args.alpha, ABLATION_BATCH, eot=args.eot,
+                                 seed=args.seed, generator=torch.Generator(device=device).manual_seed(args.seed))
+    counter = RFClipCertifier if row.method == "rf-clip" else RFMaskCertifier
+    return counter(receptive_field(model), _calibration(row, model, args, train_root, sides, out, device))
+
+
+def _check(attacked: list[dict], certified: dict[str, dict], side: int) -> dict:
+    """How many attacked counts of images certified for `side` were checked, and the images whose count lies outside
+    their certified [L, U]."""
+    bounds = [(r["attacked"], certified[r["image"]][f"L{side}"], certified[r["image"]][f"U{side}"], r["image"])
+              for r in attacked]
+    bounds = [b for b in bounds if not math.isnan(b[1])]  # not certified: nothing promised
+    return {"counts": len(bounds), "outside": [name for count, low, high, name in bounds if not low <= count <= high]}
+
+
+def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_root: Path, out: Path,
+                  device: torch.device) -> dict:
+    """Clean, certified and attacked figures of one row (see the module docstring)."""
+    model = prepare_model(_build(row.weights, args.model), device).eval()
     test_set = CrowdDataset.for_model(test_root, model, density=args.density, max_images=args.max_test_images)
-    attack_max = args.max_test_images if attack_root == test_root else args.max_train_images
-    attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, max_images=attack_max)
+    subset = _attack_subset(test_set, args.attack_images)
+    attack_max = args.max_test_images if train_root == test_root else args.max_train_images
+    attack_set = CrowdDataset.for_model(train_root, model, density=args.density, max_images=attack_max)
     crop = min(args.attack_crop, attack_set.smallest_side() // model.size_multiple * model.size_multiple)
-    specs = {side: cli.patch_spec(args, side) for side in args.patch_sizes}
-    for spec in specs.values():
+    attack_specs = {s: cli.patch_spec(args, s) for s in args.patch_sizes}
+    specs = {s: cli.patch_spec(args, s) for s in sorted({*args.patch_sizes, *args.certify_sizes})}
+    for spec in attack_specs.values():
         spec.check_fits(crop, "the attack crops")
-    attack_set = CrowdDataset.for_model(attack_root, model, density=args.density, crop=crop, max_images=attack_max)
-    through = counter = None
-    if kind == "ra":  # attacked through an expectation over ablations, counted by the smoothed count
-        smoothed = AblationCertifier(ablation, args.attack_samples, generator=gen, eot=args.eot)
+    attack_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=crop, max_images=attack_max)
+    covered = sorted({RFMaskCertifier.covered_side(spec) for spec in specs.values()})
+    certifier = _certifier(row, model, args, train_root, covered, out, device, args.samples)
+    # randomized ablation takes N passes per image: its certificate and clean count on the attack images only
+    scored = subset if row.method == "ablation" else test_set
+    start = time.perf_counter()
+    certificate = None
+    if certifier is None:
+        clean, per_image, _ = evaluate(model, scored, device, args.amp, desc=row.label)
+        per_image = [{**r, "count": r["pred"]} for r in per_image]
+    else:
+        per_image, certificate = certify_patches(certifier, model, scored, specs, device, args.amp)
+    seconds = (time.perf_counter() - start) / len(scored)
+    first = min(args.patch_sizes)
+    count_key = f"count{first}" if certifier is not None and certifier.count_per_side else "count"
+    result = {**asdict(row), "model": model.name, "test_images": len(test_set), "scored_images": len(scored),
+              "attack_images": subset.names, "attack_crop": crop,
+              "attack_split": "test" if train_root == test_root else "train",
+              "clean": summarize([r[count_key] for r in per_image], [r["gt"] for r in per_image]),
+              "clean_counter": f"{first} px" if count_key != "count" else None,
+              "forward_passes_per_image": args.samples if row.method == "ablation" else 1,
+              "seconds_per_image": seconds, "certificate": certificate, "attacked": {}, "checked": {},
+              "per_image": per_image}
+    by_image = {r["image"]: r for r in per_image}
+    sweep = args.eval_placement == "sweep"  # each placement evaluated where the patch reaches (`utils.local_eval`)
+    through, counter = None, local_counter(model) if sweep else model
+    if row.method == "ablation":  # attacked through an expectation over ablations, counted by the smoothed count
+        smoothed = _certifier(row, model, args, train_root, covered, out, device, args.attack_samples)
         through, counter = partial(smoothed.attack_density, model), partial(smoothed.density, model)
-    result = {"attacked": {}, "test_images": len(test_set), "attack_crop": crop,
-              "attack_split": "test" if attack_root == test_root else "train"}
-    for side, spec in specs.items():
-        metrics, _ = attack_metrics(model, attack_set, test_set, spec, device, args.amp, epochs=args.attack_epochs,
-                                    restarts=args.restarts, seed=args.seed, attack_through=through, counter=counter)
-        result["attacked"][side], result["clean"] = metrics["attacked"], metrics["clean"]
-    if kind == "ra":
-        # certified for each probe's footprint (rotation, scale and bilinear rim included), at least its side
-        certifier = AblationCertifier(ablation, args.samples, args.alpha, generator=gen)
-        _, cert = certify_patches(certifier, model, test_set, specs, device, args.amp)
-        result.update(clean=cert["counter"], certificate=cert)
+    for side, spec in attack_specs.items():
+        if row.method in ("rf-clip", "rf-mask"):  # the counter for the patch as the certificate covers it
+            through = partial(certifier.attack_density, model, side=certifier.covered_side(spec))
+            counter = certifier.local_counter(model, certifier.covered_side(spec)) if sweep else \
+                partial(certifier.density, model, side=certifier.covered_side(spec))
+        result["attacked"][str(side)], result["checked"][str(side)] = {}, {}
+        for target in args.targets:
+            metrics, attacked = attack_metrics(
+                model, attack_set, subset, spec, device, args.amp, APAMConfig(target=target, lr=PROBE_LR),
+                epochs=args.attack_epochs, restarts=args.restarts, seed=args.seed, attack_through=through,
+                counter=counter, placement=args.eval_placement, control=False)
+            result["attacked"][str(side)][target] = {**metrics["attacked"], "clean": metrics["clean"],
+                                                "counts": [r["attacked"] for r in attacked]}
+            if certificate is not None:
+                result["checked"][str(side)][target] = _check(attacked, by_image, side)
     return result
 
 
-def _table(results: dict, args: argparse.Namespace, keep: int, trained: list[str], synthetic: bool) -> str:
-    header = "| model | clean MAE / RMSE | " + " | ".join(f"APAM {s}px MAE / RMSE" for s in args.patch_sizes) + \
-        " | RA certificate per patch size: certified fraction, tight-MAE / RMSE |"
-    lines = [header, "|" + "---|" * (len(args.patch_sizes) + 3)]
-    for kind in KINDS:
-        r = results[kind]
-        label = LABELS[kind] + (f" (k={keep})" if kind == "ra" else "")
-        cells = [f"{m['mae']:.2f} / {m['rmse']:.2f}" for m in (r["clean"], *r["attacked"].values())]
-        cert = "; ".join(f"{s}px (as {c['certified_side']}px): {c['certified_fraction']:.0%}"
-                         + (f", {c['tight_mae']:.2f} / {c['tight_rmse']:.2f}" if c["certified_fraction"] > 0 else "")
-                         for s, c in r.get("certificate", {}).get("patch_sizes", {}).items())
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cert} |")
-    ra = results["ra"]
-    note = (f"{args.model}, {plural(ra['test_images'], 'test image')}. Attack: per model and patch size the strongest "
-            f"(highest MAE) of {args.restarts} APAM patches (pred-scale, tau 10, {args.patch_shape}), each "
-            f"{args.attack_epochs} passes over {ra['attack_crop']}-px crops of the {ra['attack_split']} split; RA "
-            f"attacked through {args.eot} ablations per crop and counted by the median of {args.attack_samples}. "
-            f"Certificate: {args.samples} samples, alpha {args.alpha}, for a square patch of the side shown in "
-            "brackets: the probe's side, or more where its rotation, scale and bilinear rim can change more pixels "
-            "than that side squared.")
+def _run_row(row: Row, args: argparse.Namespace, train_root: Path, test_root: Path, out: Path,
+             device: torch.device) -> dict:
+    """The row's results: those saved by an earlier run of this comparison (same row), else computed and saved."""
+    path = out / "rows" / f"{row.slug}.json"
+    if path.is_file():
+        saved = load_json(path)
+        if {k: saved.get(k) for k in asdict(row)} == asdict(row):
+            print(f"{row.label}: reusing {path}")
+            return saved
+    print(f"{row.label}: {row.method} counter of {row.weights}")
+    result = _evaluate_row(row, args, train_root, test_root, out, device)
+    save_json(path, result)
+    return result
+
+
+def _cell(m: dict | None) -> str:
+    return "" if m is None or m.get("mae") is None else f"{m['mae']:.2f} / {m['rmse']:.2f}"
+
+
+def _tight(c: dict) -> str:
+    """A certified side's cell: certified fraction when not all, tight-MAE / RMSE, its own counter's MAE."""
+    if not c["certified_fraction"]:
+        return "0 % certified"
+    share = "" if c["certified_fraction"] == 1 else f"{c['certified_fraction']:.0%}: "
+    return share + f"{c['tight_mae']:.2f} / {c['tight_rmse']:.2f}"
+
+
+def _table(results: dict, floors: dict, args: argparse.Namespace, notes: list[str]) -> str:
+    attacks = [(s, t) for s in args.patch_sizes for t in args.targets]
+    header = (["counter", "passes / image", "s / image", "clean MAE / RMSE"]
+              + [f"APAM {t} {s} px" for s, t in attacks]
+              + [f"certified {s} px: tight-MAE / RMSE" for s in args.certify_sizes]
+              + ["attacked counts outside the certificate"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results.values():
+        cert = (r["certificate"] or {}).get("patch_sizes", {})
+        checked = [c for per_side in r["checked"].values() for c in per_side.values()]
+        outside = (f"{sum(len(c['outside']) for c in checked)} of {sum(c['counts'] for c in checked)}"
+                   + (" (probabilistic)" if r["method"] == "ablation" else "")) if checked else ""
+        clean = _cell(r["clean"]) + (f" ({r['clean_counter']} counter)" if r["clean_counter"] else "") \
+            + (" ‡" if r["scored_images"] < r["test_images"] else "")
+        cells = [r["label"], str(r["forward_passes_per_image"]), f"{r['seconds_per_image']:.3f}", clean]
+        cells += [_cell(r["attacked"][str(s)][t]) for s, t in attacks]
+        cells += [_tight(cert[str(s)]) if str(s) in cert else "" for s in args.certify_sizes]
+        lines.append("| " + " | ".join(cells + [outside]) + " |")
+    lines.append("| floor: most heads under any s×s square | | | | " + " | " * len(attacks)
+                 + " | ".join(f"{floors[s]:.2f}" for s in args.certify_sizes) + " | |")
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def _notes(results: dict, args: argparse.Namespace, trained: list[str], synthetic: bool) -> list[str]:
+    any_row = next(iter(results.values()))
+    n, attack_n = any_row["test_images"], len(any_row["attack_images"])
+    notes = [f"{plural(n, 'test image')}; attacks on {attack_n}"
+             + (" (evenly spaced in the split's order, listed in metrics.json)" if attack_n < n else "") + ".",
+             f"Attack: per row, side and target the strongest (highest MAE) of {args.restarts} APAM patches "
+             f"({args.patch_shape}, step {PROBE_LR}), each {args.attack_epochs} passes over "
+             f"{any_row['attack_crop']}-px crops of the {any_row['attack_split']} split at {args.placement} "
+             f"positions, fitted through the row's counter and evaluated at {args.eval_placement} placement"
+             + (" (the worst of a 3×3 grid per image)" if args.eval_placement == "sweep" else "") + ".",
+             "Certificates: each side certified for every pixel the toolkit's patch of that side can change (rf-clip "
+             "and rf-mask at its extent, ablation at its footprint; metrics.json records the sides); rf-mask counts "
+             "with a counter per side (tight-MAE against that counter's own interval)."]
+    if any(r["method"] == "ablation" for r in results.values()):
+        notes.append(f"Randomized ablation: the median of {args.samples} ablations (its certificate, at confidence "
+                     f"{1 - args.alpha:g}) and of {args.attack_samples} under attack, attacked through {args.eot} "
+                     "ablations per crop; ‡ its clean count and certificate on the attack images only.")
     if trained:
         how = {"vanilla": VICTIM if synthetic else f"{PLAIN_DEFAULTS['epochs']} epochs",
                "adv": f"{args.adv_epochs} epochs, {args.adv_val_restarts} validation probe(s) per epoch",
                "ra": f"{args.ra_epochs} epochs, {args.ra_warmup_epochs} clean"}
-        note += (" Trained here" + (" on the synthetic crowds with short schedules" if synthetic else "") + ": "
-                 + ", ".join(f"{k}: {how[k]}" for k in trained) + ".")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+        notes.append("Trained here" + (" on the synthetic crowds with short schedules" if synthetic else "") + ": "
+                     + ", ".join(f"{k}: {how[k]}" for k in trained) + ".")
+    return notes
 
 
 def main(args: argparse.Namespace) -> dict:
     if not 0 < args.alpha < 1:
         raise ToolkitError(f"--alpha must lie in (0, 1), got {args.alpha}")
     runs.check_out(args, "compare_defenses")
+    rows = _parse_rows(args.row)
     _check_architectures(args)
     device = pick_device(args.device)
     synthetic = not (args.data or args.train_data or args.test_data)
     for name, value in (SHORT if synthetic else LONG).items():  # the schedules, final before args.json is written
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.certify_sizes = args.certify_sizes or list(args.patch_sizes)
     train_root, test_root = cli.resolve_splits(args.data, args.train_data, args.test_data)
-    trained = [kind for kind in KINDS if getattr(args, kind) is None]
-    if "ra" not in trained:
-        _ra_spec(args, args.ra)  # fail now on an RA checkpoint without its ablation
+    train_root = train_root or test_root
+    kinds = [kind for kind in KINDS if getattr(args, kind) is not None or not rows]
+    trained = [kind for kind in kinds if getattr(args, kind) is None]
+    if "ra" in kinds and "ra" not in trained:
+        _ablation_spec(args, args.ra)  # fail now on an RA checkpoint without its ablation
+    for row in rows:
+        if row.method == "ablation":
+            _ablation_spec(args, row.weights)
     out = cli.run_dir(args, "compare_defenses", device,
-                      data_folders={"train": train_root and str(train_root), "test": str(test_root)})
+                      data_folders={"train": str(train_root), "test": str(test_root)})
     checkpoints = {kind: getattr(args, kind) for kind in KINDS}
     for kind in trained:
-        checkpoints[kind] = _train(kind, args, checkpoints, train_root or test_root, test_root, synthetic, out, device)
-    ablation = _ra_spec(args, checkpoints["ra"])
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    results = {}
-    for kind in KINDS:
-        model = prepare_model(build(args.model, checkpoints[kind]), device).eval()
-        results[kind] = {"checkpoint": str(checkpoints[kind]),
-                         **_evaluate(kind, model, train_root or test_root, test_root, args, device,
-                                     ablation if kind == "ra" else None, gen)}
-    table = _table(results, args, ablation.keep, trained, synthetic)
+        checkpoints[kind] = _train(kind, args, checkpoints, train_root, test_root, synthetic, out, device)
+    labels = {k: KINDS[k][0] + (f" (k={_ablation_spec(args, checkpoints[k]).keep})" if k == "ra" else "")
+              for k in kinds}
+    rows = [Row(labels[k], KINDS[k][1], str(checkpoints[k])) for k in kinds] + rows
+    results = {row.label: _run_row(row, args, train_root, test_root, out, device) for row in rows}
+    probe = CrowdDataset.for_model(test_root, _build(rows[0].weights, args.model), density=args.density,
+                                   max_images=args.max_test_images)
+    floors = {s: float(np.mean([most_heads_in_square(probe.head_points(i), hw, s)
+                                for i, hw in enumerate(probe.sizes())])) for s in args.certify_sizes}
+    table = _table(results, floors, args, _notes(results, args, trained, synthetic))
     atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(table))
-    save_json(out / "metrics.json", results)
-    bar_figure(out / f"comparison.{args.figure_format}", {kind: {"clean": results[kind]["clean"]["mae"],
-                                                                **{f"{s}px": results[kind]["attacked"][s]["mae"]
-                                                                   for s in args.patch_sizes}} for kind in KINDS},
-               ylabel="MAE (people)", xlabel="model", title="MAE clean and under patch attacks (lower is better)")
+    save_json(out / "metrics.json", {"floors": floors, "rows": {k: {key: v for key, v in r.items()
+                                                                    if key != "per_image"}
+                                                                for k, r in results.items()}})
+    bar_figure(out / f"comparison.{args.figure_format}",
+               {label: {"clean": r["clean"]["mae"], **{f"{t} {s}px": r["attacked"][str(s)][t]["mae"]
+                                                       for s in args.patch_sizes for t in args.targets}}
+                for label, r in results.items()},
+               ylabel="MAE (people)", xlabel="counter", title="MAE clean and under patch attacks (lower is better)")
+    checked = [c for r in results.values() if r["method"] != "ablation" for side in r["checked"].values()
+               for c in side.values()]
+    if checked:
+        print(f"certificates checked: {sum(len(c['outside']) for c in checked)} of "
+              f"{sum(c['counts'] for c in checked)} attacked counts outside their certified interval")
     print(table + f"-> {out}")
     return results
 

@@ -36,6 +36,7 @@ from utils.attack import (
 from utils.certify import AblationCertifier, Certifier
 from utils.errors import ToolkitError
 from utils.io import load_checkpoint, save_csv, save_json
+from utils.local_eval import local_counter
 from utils.patch import PLACEMENTS, PatchSpec, load_patch, patch_side, random_patch, save_patch
 from utils.plots import curve_figure, density_figure
 from utils.rf_certify import RFClipCertifier, RFMaskCertifier, load_calibration
@@ -199,12 +200,15 @@ def main(args: argparse.Namespace) -> dict:
     args.weights = args.weights or synthetic_victim(args.model, device, seed=args.seed)
     load_weights(model, args.weights)
     model = prepare_model(model.requires_grad_(False), device).eval()
-    through = counter = model
+    placement = args.eval_placement or spec.placement
+    sweep = placement == "sweep"  # each placement evaluated where the patch reaches (`utils.local_eval`)
+    through, counter = model, local_counter(model) if sweep else model
     if args.counter != "model":  # the certified counter, for the patch as the certificate covers it
         certifier = _certifier(args, model, device)
         side = certifier.covered_side(spec)
         through = partial(certifier.attack_density, model, side=side)
-        counter = partial(certifier.density, model, side=side)
+        counter = certifier.local_counter(model, side) if sweep and args.counter != "ablation" else \
+            partial(certifier.density, model, side=side)
         certifier.density(model, test_set[0][0][None].to(device), side)  # fail now, not after APAM
     patch = patch.to(device)
     out = cli.run_dir(args, "patch_attack", device, patch_size=spec.side, patch_shape=spec.shape,
@@ -222,7 +226,6 @@ def main(args: argparse.Namespace) -> dict:
         curve_figure(out / f"loss.{args.figure_format}", {"APAM loss": losses}, ylabel=f"APAM loss ({args.target})",
                      title=f"APAM loss per epoch ({spec.side} px {spec.shape} patch)")
 
-    placement = args.eval_placement or spec.placement
     rows, maps = evaluate_patch(counter, test_set, patch, spec, device, placement, args.batch_size, args.seed, args.amp,
                                 args.figures)
     metrics = patch_metrics(rows)

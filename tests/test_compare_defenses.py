@@ -1,6 +1,10 @@
-"""compare_defenses.py: the table, the RA certificate with the ablation the model was trained with, a run repeated
-from its args.json, and mixed architectures."""
+"""compare_defenses.py: the table, the RA certificate with the ablation the model was trained with, the
+receptive-field rows checked against their certificates, a run resumed or repeated from its args.json, bad rows and
+mixed architectures."""
 import json
+
+import numpy as np
+import pytest
 
 import compare_defenses
 from utils import runs
@@ -15,21 +19,76 @@ def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_p
     results = compare_defenses.main(args)
     table = (tmp_path / "comparison.md").read_text()
     assert table in capsys.readouterr().out and (tmp_path / "comparison.png").is_file()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 4  # header and three models
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 5  # header, three models, the floor
+    assert "APAM maximize 8 px" in table and "APAM minimize 16 px" in table
     # the same checkpoint as "vanilla" and "adv", attacked with the same seed and budget: the same numbers
-    assert results["vanilla"]["attacked"] == results["adv"]["attacked"]
+    assert results["undefended"]["attacked"] == results["adversarial training"]["attacked"]
     # the probe patches are fitted on the train split and measured on the test split, as patch_attack.py does
-    assert results["ra"]["attack_split"] == "train" and "crops of the train split" in table
-    cert = results["ra"]["certificate"]
+    ra = results["randomized ablation (k=45)"]
+    assert ra["attack_split"] == "train" and "crops of the train split" in table
+    cert = ra["certificate"]
     assert cert["keep"] == 45 and set(cert["patch_sizes"]) == {"8", "16"}
     # each probe side is certified for the pixels its transformed, bilinearly sampled patch can change
     for side, c in cert["patch_sizes"].items():
-        footprint = footprint_side(int(side), "circle", PatchTransform())
-        assert c["certified_side"] == max(int(side), footprint)
-        assert f"{side}px (as {c['certified_side']}px)" in table
+        assert c["certified_side"] == max(int(side), footprint_side(int(side), "circle", PatchTransform()))
     assert cert["patch_sizes"]["8"]["certified_side"] > 8
     assert "nan" not in table.lower()  # a side where nothing is certified shows its 0 %, no tight-MAE
-    assert results["ra"]["clean"] == cert["counter"]
+    assert ra["clean"] == cert["counter"]
+    # each attacked MAE is that of the attacked counts recorded per image
+    for r in results.values():
+        for per_target in r["attacked"].values():
+            for m in per_target.values():
+                assert m["mae"] == pytest.approx(np.mean(np.abs(np.array(m["counts"]) - [
+                    x["gt"] for x in r["per_image"]])))
+
+
+def test_receptive_field_rows_keep_every_attacked_count_inside_their_certificate(tiny_crowds, tiny_mcnn, tmp_path,
+                                                                                 capsys):
+    out = tmp_path / "rows"
+    argv = ["--data", str(tiny_crowds), "--row", "plain MCNN", "plain", str(tiny_mcnn), "--row", "MCNN rf-mask",
+            "rf-mask", str(tiny_mcnn), "--row", "MCNN rf-clip", "rf-clip", str(tiny_mcnn), "--patch-sizes", "16",
+            "--certify-sizes", "8", "16", "--attack-epochs", "2", "--restarts", "1", "--attack-images", "2",
+            "--out", str(out), "--device", "cpu"]
+    results = compare_defenses.main(compare_defenses.get_args_parser().parse_args(argv))
+    assert list(results) == ["plain MCNN", "MCNN rf-mask", "MCNN rf-clip"]  # --row given: no trained rows
+    assert len(list((out / "calibration").iterdir())) == 1  # one calibration for both counters of one file
+    for label in ("MCNN rf-mask", "MCNN rf-clip"):
+        r = results[label]
+        assert r["test_images"] == 3 and len(r["attack_images"]) == 2 and r["scored_images"] == 3
+        bounds = {x["image"]: (x["L16"], x["U16"]) for x in r["per_image"]}
+        for target, m in r["attacked"]["16"].items():
+            # independently of the script's own check: each attacked count inside its image's interval
+            for name, count in zip(r["attack_images"], m["counts"], strict=True):
+                assert bounds[name][0] <= count <= bounds[name][1], (label, target, name)
+            assert r["checked"]["16"][target] == {"counts": 2, "outside": []}
+    table = (out / "comparison.md").read_text()
+    assert "0 of 4" in table and "certificates checked: 0 of 8" in capsys.readouterr().out
+    # resumed from its args.json: every row reused, the same table
+    compare_defenses.main(compare_defenses.get_args_parser().parse_args(["--out", str(out), "--resume"]))
+    assert capsys.readouterr().out.count("reusing") == 3 and (out / "comparison.md").read_text() == table
+    # resumed with one more row: the three reused, the new one added to the table and to args.json
+    compare_defenses.main(compare_defenses.get_args_parser().parse_args([
+        "--out", str(out), "--resume", "--row", "MCNN again", "plain", str(tiny_mcnn)]))
+    assert capsys.readouterr().out.count("reusing") == 3
+    again = (out / "comparison.md").read_text().splitlines()
+    assert again[:5] == table.splitlines()[:5] and again[5].startswith("| MCNN again | 1 |")
+    # the new row is the same model as the first: the same figures, computed again
+    assert again[5].split("|")[4:] == table.splitlines()[2].split("|")[4:]
+    assert len(json.loads((out / "args.json").read_text())["row"]) == 4
+
+
+@pytest.mark.parametrize("row, message", [
+    (["x", "smoothed", "W"], "unknown method 'smoothed'"),
+    (["x", "plain"], "takes LABEL METHOD WEIGHTS [CALIBRATION]"),
+    (["x", "plain", "missing.pt"], "weights not found: missing.pt"),
+    (["x", "plain", "W", "cal.json"], "a calibration is for rf-clip and rf-mask"),
+])
+def test_a_bad_row_is_one_line(tiny_crowds, tiny_mcnn, tmp_path, cli_error, row, message):
+    row = [str(tiny_mcnn) if v == "W" else v for v in row]
+    code, lines = cli_error(compare_defenses, ["--data", str(tiny_crowds), "--row", *row, "--out",
+                                               str(tmp_path / "x")])
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "x").exists()
 
 
 def test_mixed_architectures_give_one_line(tiny_crowds, tiny_mcnn, tmp_path, cli_error):

@@ -114,6 +114,11 @@ def test_a_failed_run_is_discarded_with_the_folders_made_for_it(tmp_path):
         (tmp_path / f"done{sub}" / sub / "last.pt").write_bytes(b"work")
         assert not runs.discard_failed()
         assert (tmp_path / f"done{sub}" / sub / "last.pt").is_file()
+    # kept: a comparison holding rows it saved (compare_defenses.py --resume reuses them)
+    runs.start(argparse.Namespace(out=tmp_path / "table"), "compare_defenses")
+    (tmp_path / "table" / "rows").mkdir()
+    (tmp_path / "table" / "rows" / "mcnn.json").write_text("{}")
+    assert not runs.discard_failed() and (tmp_path / "table" / "rows" / "mcnn.json").is_file()
     (tmp_path / "done" / "last.pt").unlink()  # a resumed run whose last.pt is gone still keeps its earlier files
     runs.start(argparse.Namespace(out=tmp_path / "done", resume=True), "train")
     assert not runs.discard_failed() and (tmp_path / "done" / "args.json").is_file()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from datasets.crowd import CrowdDataset, EqualSizeBatches, same_size_batches
 from utils import distributed
 from utils.errors import ToolkitError
+from utils.local_eval import LocalCounter
 from utils.metrics import summarize
 from utils.patch import PatchSpec, random_patch, sweep_centers
 from utils.runtime import autocast, progress, rank_seed
@@ -169,7 +170,8 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     """Counts of a batch with the patch applied as `spec` says: (counts (N,), patched images, densities).
 
     `placement` (default the spec's) `sweep` tries a `sweep`×`sweep` grid of positions per image and keeps the one
-    whose count is farthest from the ground truth `gt` (N,), the worst case for the defender.
+    whose count is farthest from the ground truth `gt` (N,), the worst case for the defender; a `LocalCounter`
+    evaluates those placements locally (the same counts, a fraction of the operations).
     """
     n, _, h, w = images.shape
     if (placement or spec.placement) != "sweep":
@@ -182,7 +184,10 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     batch = images.repeat_interleave(k, dim=0)
     patched, _ = spec.paste(batch, patch, grid.repeat(n, 1), generator)
     with autocast(images.device, amp):
-        density = model(patched).float()
+        if isinstance(model, LocalCounter):  # one whole pass per image, one crop per placement
+            density = model.patched_density(images, patched.view(n, k, *patched.shape[1:])).float()
+        else:
+            density = model(patched).float()
     counts = density.sum(dim=(1, 2, 3)).view(n, k)
     worst = (counts - gt.view(n, 1).to(counts)).abs().argmax(dim=1)
     pick = torch.arange(n, device=counts.device) * k + worst
@@ -191,18 +196,21 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
 
 def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: CrowdDataset, patch: torch.Tensor,
                    spec: PatchSpec, device: torch.device, placement: str | None = None, batch_size: int = 8,
-                   seed: int = 0, amp: bool = True, keep_maps: int = 0) -> tuple[list, list]:
+                   seed: int = 0, amp: bool = True, keep_maps: int = 0, control: bool = True) -> tuple[list, list]:
     """Per-image rows (gt, clean, attacked, control counts) of a fixed patch on `dataset`, placed by `placement`
-    (default the spec's), with a uniform-noise patch of the same spec as control; plus (name, patched image, clean
-    density, attacked density) for the first `keep_maps` images."""
-    control = random_patch(spec.side, torch.Generator().manual_seed(seed + 1)).to(device)
+    (default the spec's), with a uniform-noise patch of the same spec as control (left out, and half the passes,
+    without `control`); plus (name, patched image, clean density, attacked density) for the first `keep_maps`
+    images."""
+    patches = {"attacked": patch}
+    if control:
+        patches["control"] = random_patch(spec.side, torch.Generator().manual_seed(seed + 1)).to(device)
     rows, maps = [], []
     for index, (images, _, gt) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "test"):
         images = images.to(device)
         with torch.no_grad(), autocast(device, amp):
             clean = model(images).float()
         counts, shown = {}, None
-        for label, p in (("attacked", patch), ("control", control)):
+        for label, p in patches.items():
             gen = torch.Generator().manual_seed(seed + index[0])  # the same draws for patch and control
             counts[label], patched, density = patched_counts(model, images, gt, p, spec, placement, gen, amp=amp)
             shown = shown or (patched, density)
@@ -210,7 +218,7 @@ def evaluate_patch(model: Callable[[torch.Tensor], torch.Tensor], dataset: Crowd
             if i < keep_maps:
                 maps.append((i, dataset.names[i], shown[0][j].cpu(), clean[j].cpu(), shown[1][j].cpu()))
             rows.append({"index": i, "image": dataset.names[i], "gt": float(gt[j]), "clean": float(clean[j].sum()),
-                         "attacked": float(counts["attacked"][j]), "control": float(counts["control"][j])})
+                         **{label: float(c[j]) for label, c in counts.items()}})
     rows = distributed.gather(rows, key=lambda r: r["index"])  # under torchrun, each rank's share
     return rows, [m[1:] for m in distributed.gather(maps, key=lambda m: m[0])]
 
@@ -220,13 +228,16 @@ def patch_metrics(rows: list[dict]) -> dict:
     for a model that undercounts); the mean count shifts against the clean counts (`mean_shift`); and the
     attacked counts' mean shift against the control's, the noise patch of the same size and placement
     (`shift_vs_control`: what the patch's content does, beyond covering the pixels). The shifts show a push
-    that an MAE ratio can hide: pushing up the counts of a model that undercounts first lowers its MAE."""
+    that an MAE ratio can hide: pushing up the counts of a model that undercounts first lowers its MAE. Rows without
+    control counts give no control figures."""
     n, gt = len(rows), [r["gt"] for r in rows]
-    out = {label: summarize([r[label] for r in rows], gt) for label in ("clean", "attacked", "control")}
+    labels = [label for label in ("clean", "attacked", "control") if label in rows[0]]
+    out = {label: summarize([r[label] for r in rows], gt) for label in labels}
     out["clean"]["bias"] = sum(r["clean"] - r["gt"] for r in rows) / n
-    for label in ("attacked", "control"):
+    for label in labels[1:]:
         out[label]["mean_shift"] = sum(r[label] - r["clean"] for r in rows) / n
-    out["attacked"]["shift_vs_control"] = sum(r["attacked"] - r["control"] for r in rows) / n
+    if "control" in out:
+        out["attacked"]["shift_vs_control"] = sum(r["attacked"] - r["control"] for r in rows) / n
     out["mean_gt"] = sum(gt) / n
     return out
 
@@ -234,7 +245,7 @@ def patch_metrics(rows: list[dict]) -> dict:
 def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: CrowdDataset, spec: PatchSpec,
                    device: torch.device, amp: bool = True, config: APAMConfig | None = None,
                    epochs: int = 6, restarts: int = 2, batch_size: int = 8, seed: int = 0, attack_through=None,
-                   counter=None) -> tuple[dict, list[dict]]:
+                   counter=None, placement: str | None = None, control: bool = True) -> tuple[dict, list[dict]]:
     """A fixed-budget probe: `restarts` fresh APAM patches (noise from seeds `seed`, `seed + 1`, ...), each optimised
     on `attack_set` (e.g. crops: cheaper steps) for `epochs` and evaluated on `test_set`; the strongest (highest
     attacked MAE) counts: (`patch_metrics`, per-image rows). One budget for every model makes their attacked MAEs
@@ -242,7 +253,8 @@ def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: C
     MAE across seeds with one).
 
     The patch is optimised through `attack_through` (default `model`; e.g. the model behind random ablations) and
-    counted by `counter` (default `model`; e.g. the median-smoothed counter).
+    counted by `counter` (default `model`; e.g. the median-smoothed counter), placed on the test images by
+    `placement` (default the spec's; "sweep": the worst of a grid per image), beside a noise control where `control`.
     """
     config = config or APAMConfig(lr=PROBE_LR)
     trainable = [p.requires_grad for p in model.parameters()]
@@ -253,8 +265,8 @@ def attack_metrics(model: torch.nn.Module, attack_set: CrowdDataset, test_set: C
             start = random_patch(spec.side, torch.Generator().manual_seed(seed + r))
             patch, _ = optimise_patch(attack_through or model, attack_set, start, spec, config, device, epochs, 1,
                                       batch_size, seed + r, amp, desc=f"probe {r + 1}/{restarts}")
-            rows, _ = evaluate_patch(counter or model, test_set, patch, spec, device, batch_size=batch_size, seed=seed,
-                                     amp=amp)
+            rows, _ = evaluate_patch(counter or model, test_set, patch, spec, device, placement, batch_size, seed, amp,
+                                     control=control)
             metrics = patch_metrics(rows)
             if best is None or metrics["attacked"]["mae"] > best[0]["attacked"]["mae"]:
                 best = metrics, rows

@@ -58,9 +58,12 @@ class ArgumentParser(argparse.ArgumentParser):
         run being resumed, checked against the flags given."""
         parsed = super().parse_args(args, namespace)
         # argparse leaves an attribute that is already set alone when its flag is absent: mark them all as unset
-        probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.dest != argparse.SUPPRESS})
+        # (an appending flag copies the list it finds, so an empty list of its own marks it unset)
+        unset = {a.dest: [] if isinstance(a, argparse._AppendAction) else _UNSET for a in self._actions
+                 if a.dest != argparse.SUPPRESS}
+        probe = argparse.Namespace(**unset)
         super().parse_known_args(args, probe)
-        parsed._given = frozenset(k for k, v in vars(probe).items() if v is not _UNSET)
+        parsed._given = frozenset(k for k, v in vars(probe).items() if v is not unset.get(k, _UNSET))
         _model_of_release(self, parsed)
         if getattr(parsed, "resume", False):
             try:
@@ -413,7 +416,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
             _fail(parser.prog, f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
         if isinstance(e, KeyboardInterrupt):
             resumable = any("--resume" in a.option_strings for a in parser._actions)
-            if resumable and out is not None and (out / "last.pt").is_file():
+            if resumable and out is not None and runs.resumable(out):
                 hint = f"continue with: python {parser.prog} --out {out} --resume"
             elif out is not None and not discarded:
                 hint = f"what was written is in {out}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from utils import distributed
 from utils.certify import Certifier, require_eval
 from utils.errors import ToolkitError
 from utils.io import save_json
+from utils.local_eval import LocalCounter
 from utils.runtime import autocast, float32, progress
 
 DMAX_QUANTILE = 0.999
@@ -194,14 +196,22 @@ class _WindowCertifier(Certifier):
         self.rf, self.calibration = rf, calibration
 
     @staticmethod
-    def _forward(model, images: torch.Tensor) -> torch.Tensor:
+    def forward(model, images: torch.Tensor) -> torch.Tensor:
         """The model's density in float32, in eval mode."""
         require_eval(model)
         with float32(images.device):
             return model(images.float()).float()
 
-    def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+    def post(self, density: torch.Tensor, side: int) -> torch.Tensor:
+        """The counter for `side` as a density map, from the model's density."""
         raise NotImplementedError
+
+    def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+        return self.post(self.forward(model, images), side)
+
+    def local_counter(self, model, side: int) -> LocalCounter:
+        """`density(model, ·, side)` as a `LocalCounter`: patched images evaluated where the patch reaches only."""
+        return LocalCounter(model, partial(self.forward, model), partial(self.post, side=side), self.rf)
 
     def _gain(self, side: int) -> float:
         """How much the counter for `side` multiplies the density's sums by (at least 1)."""
@@ -238,10 +248,13 @@ class RFClipCertifier(_WindowCertifier):
 
     method = "rf-clip"
 
-    def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    def post(self, density: torch.Tensor, side: int | None = None) -> torch.Tensor:
         """The certified counter as a density map (its sum is the count): the model's density clipped to [0, dmax].
         Differentiable, so a patch can be optimised against the counter itself."""
-        return self._forward(model, images).clamp(0, self.calibration.dmax)
+        return density.clamp(0, self.calibration.dmax)
+
+    def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        return self.post(self.forward(model, images))
 
     def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
         return self.density(model, images)
@@ -276,16 +289,16 @@ class RFMaskCertifier(_WindowCertifier):
         return self.calibration.slope.get(side, 1.0), self.calibration.c[side]
 
     def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
-        return self._forward(model, images).clamp_min(0)
+        return self.forward(model, images).clamp_min(0)
 
     def _gain(self, side: int) -> float:
         return max(1.0, self._refill(side)[0])
 
-    def density(self, model, images: torch.Tensor, side: int) -> torch.Tensor:
+    def post(self, density: torch.Tensor, side: int) -> torch.Tensor:
         """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
         its densest window zeroed, times a, and c spread evenly. Differentiable almost everywhere (where the window is
         fixed)."""
-        (a, c), density = self._refill(side), self._clean(model, images)
+        (a, c), density = self._refill(side), density.clamp_min(0)
         n, _, h, w = density.shape
         kh, kw = min(self.rf.window(side), h), min(self.rf.window(side), w)
         at = window_sums(density.detach(), self.rf.window(side)).flatten(1).argmax(dim=1)

@@ -79,15 +79,19 @@ def recorded_args(parser: argparse.ArgumentParser, record: dict, **changes) -> a
 
 
 def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with every setting taken from the checkpoint of the run in `args.out` (last.pt); a flag given on the
-    command line that contradicts the recorded value is an error, except a larger `--epochs`, which extends it."""
+    """`args` with every setting taken from the run in `args.out`: from its checkpoint (last.pt), or for a script
+    whose parser says `resume_from = "args.json"` (one that resumes from results saved as it goes, not from a
+    checkpoint) from its record; a flag given on the command line that contradicts the recorded value is an error,
+    except a larger `--epochs`, which extends it, and a repeatable flag (e.g. compare_defenses.py's --row), whose
+    new values are added to the recorded ones."""
+    source = getattr(parser, "resume_from", "last.pt")
     if args.out is None:
-        raise ToolkitError("--resume needs --out, the run folder holding last.pt")
+        raise ToolkitError(f"--resume needs --out, the run folder holding {source}")
     if getattr(args, "overwrite", False):
         raise ToolkitError("--resume continues the run in --out, --overwrite starts it again: give one of them")
-    if not (args.out / "last.pt").is_file():
-        raise ToolkitError(f"nothing to resume: {args.out / 'last.pt'} does not exist")
-    recorded = load_checkpoint(args.out / "last.pt").get("args", {})
+    if not (args.out / source).is_file():
+        raise ToolkitError(f"nothing to resume: {args.out / source} does not exist")
+    recorded = read_record(args.out) if source == RECORD else load_checkpoint(args.out / source).get("args", {})
     given = getattr(args, "_given", frozenset())
     merged = argparse.Namespace(**vars(args))
     for action in parser._actions:
@@ -98,9 +102,11 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         new = getattr(args, dest)
         if dest not in given or _same(new, old):
             setattr(merged, dest, old)
+        elif isinstance(action, argparse._AppendAction) and old is not None:  # e.g. more rows of a comparison
+            setattr(merged, dest, old + [v for v in new if v not in old])
         elif not (dest == "epochs" and new > old):
             raise ToolkitError(f"{_flag(action)} {new} contradicts the run being resumed ({_flag(action)} {old} in "
-                               f"{args.out / 'last.pt'}); leave it out to continue that run, or start a new one "
+                               f"{args.out / source}); leave it out to continue that run, or start a new one "
                                "elsewhere")
     return merged
 
@@ -260,13 +266,13 @@ def discard_failed() -> bool:
     """A run that failed or was interrupted leaves nothing: delete the run folder this process claimed (every file
     in it is this run's: a folder that held an earlier run was emptied by --overwrite) and the parent folders created
     for it; a folder that existed before is left empty. Kept: a resumed run (its files are an earlier run's) and a
-    run holding a checkpoint to resume or reuse (a last.pt, also in a subfolder). True if it deleted the run."""
+    run holding work to resume or reuse (`resumable`). True if it deleted the run."""
     global _current
     run, _current = _current, None
     if run is None or run["resumed"] or not run["out"].is_dir():
         return False
     out = run["out"]
-    if any(p.is_file() for p in out.rglob("last.pt")):
+    if resumable(out):
         return False
     for child in out.iterdir():
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -279,6 +285,12 @@ def discard_failed() -> bool:
 
 
 discard_unstarted = discard_failed  # its former name
+
+
+def resumable(out: Path) -> bool:
+    """`out` holds work that `--resume` continues: a checkpoint (last.pt, also in a subfolder) or results saved as
+    they were made (rows/*.json, as compare_defenses.py saves each row of its table)."""
+    return any(p.is_file() for pattern in ("**/last.pt", "rows/*.json") for p in out.glob(pattern))
 
 
 def current() -> Path | None:
