@@ -407,18 +407,24 @@ def _notes(results: dict, args: argparse.Namespace, trained: list[str], syntheti
     n, attack_n = any_row["test_images"], len(any_row["attack_images"])
     notes = [f"{plural(n, 'test image')}; attacks on {attack_n}"
              + (" (evenly spaced in the split's order, listed in metrics.json)" if attack_n < n else "") + ".",
-             f"Attack: per row, side and target the strongest (highest MAE) of {args.restarts} APAM patches "
-             f"({args.patch_shape}, step {PROBE_LR}), each {args.attack_epochs} passes over "
-             f"{any_row['attack_crop']}-px crops of the {any_row['attack_split']} split at {args.placement} "
-             f"positions, fitted through the row's counter and evaluated at {args.eval_placement} placement"
+             "Attack: per row, side and target " + (f"the strongest (highest MAE) of {args.restarts} APAM patches"
+                                                     if args.restarts > 1 else "one APAM patch")
+             + f" ({args.patch_shape}, step {PROBE_LR}), " + ("each " if args.restarts > 1 else "")
+             + f"{plural(args.attack_epochs, 'pass', 'passes')} over "
+             f"{any_row['attack_crop']}-px crops of the {any_row['attack_split']} split"
+             + (f" (its first {args.max_train_images} images)" if args.max_train_images else "")
+             + f" at {args.placement} positions, fitted through the row's counter and evaluated at "
+             f"{args.eval_placement} placement"
              + (" (the worst of a 3×3 grid per image)" if args.eval_placement == "sweep" else "") + ".",
              "Certificates: each side certified for every pixel the toolkit's patch of that side can change (rf-clip "
              "and rf-mask at its extent, ablation at its footprint; metrics.json records the sides); rf-mask counts "
              "with a counter per side (tight-MAE against that counter's own interval)."]
     if any(r["method"] == "ablation" for r in results.values()):
         notes.append(f"Randomized ablation: the median of {args.samples} ablations (its certificate, at confidence "
-                     f"{1 - args.alpha:g}) and of {args.attack_samples} under attack, attacked through {args.eot} "
-                     "ablations per crop; ‡ its clean count and certificate on the attack images only.")
+                     f"{1 - args.alpha:g}) and of {args.attack_samples} under attack, attacked through "
+                     f"{plural(args.eot, 'ablation')} per crop"
+                     + ("; ‡ its clean count and certificate on the attack images only." if any(
+                         r["scored_images"] < r["test_images"] for r in results.values()) else "."))
     if trained:
         how = {"vanilla": VICTIM if synthetic else f"{PLAIN_DEFAULTS['epochs']} epochs",
                "adv": f"{args.adv_epochs} epochs, {args.adv_val_restarts} validation probe(s) per epoch",
@@ -426,6 +432,21 @@ def _notes(results: dict, args: argparse.Namespace, trained: list[str], syntheti
         notes.append("Trained here" + (" on the synthetic crowds with short schedules" if synthetic else "") + ": "
                      + ", ".join(f"{k}: {how[k]}" for k in trained) + ".")
     return notes
+
+
+def _write(out: Path, results: dict, floors: dict, args: argparse.Namespace, notes: list[str]) -> str:
+    """comparison.md, metrics.json and the figure of the rows in `results`; the table."""
+    table = _table(results, floors, args, notes)
+    atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(table))
+    save_json(out / "metrics.json", {"floors": floors, "rows": {k: {key: v for key, v in r.items()
+                                                                    if key != "per_image"}
+                                                                for k, r in results.items()}})
+    bar_figure(out / f"comparison.{args.figure_format}",
+               {label: {"clean": r["clean"]["mae"], **{f"{t} {s}px": r["attacked"][str(s)][t]["mae"]
+                                                       for s in args.patch_sizes for t in args.targets}}
+                for label, r in results.items()},
+               ylabel="MAE (people)", xlabel="counter", title="MAE clean and under patch attacks (lower is better)")
+    return table
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -457,21 +478,14 @@ def main(args: argparse.Namespace) -> dict:
     labels = {k: KINDS[k][0] + (f" (k={_ablation_spec(args, checkpoints[k]).keep})" if k == "ra" else "")
               for k in kinds}
     rows = [Row(labels[k], KINDS[k][1], str(checkpoints[k])) for k in kinds] + rows
-    results = {row.label: _run_row(row, args, train_root, test_root, out, device) for row in rows}
     probe = CrowdDataset.for_model(test_root, _build(rows[0].weights, args.model), density=args.density,
                                    max_images=args.max_test_images)
     floors = {s: float(np.mean([most_heads_in_square(probe.head_points(i), hw, s)
                                 for i, hw in enumerate(probe.sizes())])) for s in args.certify_sizes}
-    table = _table(results, floors, args, _notes(results, args, trained, synthetic))
-    atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(table))
-    save_json(out / "metrics.json", {"floors": floors, "rows": {k: {key: v for key, v in r.items()
-                                                                    if key != "per_image"}
-                                                                for k, r in results.items()}})
-    bar_figure(out / f"comparison.{args.figure_format}",
-               {label: {"clean": r["clean"]["mae"], **{f"{t} {s}px": r["attacked"][str(s)][t]["mae"]
-                                                       for s in args.patch_sizes for t in args.targets}}
-                for label, r in results.items()},
-               ylabel="MAE (people)", xlabel="counter", title="MAE clean and under patch attacks (lower is better)")
+    results = {}
+    for row in rows:  # the table so far after every row: a long comparison shows its rows as they are done
+        results[row.label] = _run_row(row, args, train_root, test_root, out, device)
+        table = _write(out, results, floors, args, _notes(results, args, trained, synthetic))
     checked = [c for r in results.values() if r["method"] != "ablation" for side in r["checked"].values()
                for c in side.values()]
     if checked:
