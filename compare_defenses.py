@@ -1,11 +1,12 @@
 """Defenses side by side under the same attacks: one row per counter (`--row LABEL METHOD WEIGHTS`: a plain model,
-randomized ablation's smoothed count, or the rf-clip / rf-mask certified counter of any weights) with its clean
-MAE / RMSE on the test split; APAM per patch size and target (default: maximize and minimize), each patch fitted
-through that row's counter (its certified form where it has one) on crops of the train split and evaluated at the
-worst placement of a sweep per image; the certified tight-MAE / RMSE per side beside the floor (the most heads under
-any s×s square); forward passes and seconds per image. Every attacked count of a certified row is checked against its
-own certificate, per image. Writes comparison.md, metrics.json, rows/<row>.json (each row once it is done: --resume
-reuses them, so a re-run rebuilds the table in minutes) and a figure.
+randomized ablation's smoothed count, or the rf-clip / rf-mask certified counter of any weights) with its clean MAE
+/ RMSE on the test split; APAM per patch size and target (default: maximize and minimize), each patch fitted through
+that row's counter (its certified form where it has one) on crops of the train split and evaluated at the worst
+placement of a sweep per image; the certified tight-MAE / RMSE per side beside the floor (the most heads under any
+s×s square); forward passes and seconds per image. Every attacked count of a receptive-field row (rf-clip, rf-mask:
+deterministic certificates) is checked against its own certificate, per image. Writes comparison.md, metrics.json,
+rows/<row>.json (each row once it is done: --resume reuses them, so a re-run rebuilds the table in minutes) and a
+figure.
 
 With no --row, the paper's experiment: undefended (--vanilla), adversarially trained (--adv) and ablation-trained
 (--ra) models of one architecture, each trained here when its flag is omitted (on the synthetic default with short
@@ -166,10 +167,17 @@ def _parse_rows(entries: list[list[str]] | None) -> list[Row]:
         if row.calibration is not None and not Path(row.calibration).is_file():
             raise ToolkitError(f"--row {row.label!r}: calibration not found: {row.calibration}")
         rows.append(row)
-    slugs = [r.slug for r in rows]
-    if len(set(slugs)) < len(slugs):
-        raise ToolkitError("two --row labels name the same row file (rows/<label>.json): give each row its own label")
     return rows
+
+
+def _unique(rows: list[Row]) -> None:
+    """Each row its own label and row file (rows/<label>.json)."""
+    seen = {}
+    for row in rows:
+        if row.slug in seen:
+            raise ToolkitError(f"rows {seen[row.slug]!r} and {row.label!r} would share rows/{row.slug}.json: give each "
+                               "row its own label")
+        seen[row.slug] = row.label
 
 
 def _architecture(weights: str | Path, default: str) -> str:
@@ -207,8 +215,6 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
     """Checkpoint of `kind` trained here, as its script trains it (with --adv-epochs etc. in place of --epochs)."""
     if kind == "vanilla" and synthetic:
         return synthetic_victim(args.model, device, args.seed)
-    if (out / kind / "last.pt").is_file():  # trained by the run being resumed
-        return out / kind / ("best.pt" if (out / kind / "best.pt").is_file() else "last.pt")
     defaults = {"vanilla": PLAIN_DEFAULTS, "adv": ADVERSARIAL_DEFAULTS, "ra": ABLATION_DEFAULTS}[kind]
     model = build(args.model, checkpoints["vanilla"] if kind == "adv" else None, seed=args.seed)
     # the scripts' crop, or the largest that fits an image of each split where that is smaller (small data)
@@ -232,7 +238,7 @@ def _train(kind: str, args: argparse.Namespace, checkpoints: dict, train_root: P
     fit(model, train_set, val_set, None, out / kind, epochs=epochs, batch_size=defaults["batch_size"],  # scored below
         lr=defaults["lr"], device=device, amp=args.amp, workers=args.workers, recipe=recipe,
         record={"trained_by": "compare_defenses", "kind": kind, "val_images": val_set.names}, seed=args.seed,
-        figure_format=args.figure_format)
+        figure_format=args.figure_format, resume=(out / kind / "last.pt").is_file())  # an interrupted run: go on
     best = out / kind / "best.pt"  # none when no epoch was eligible (adversarial training still at κ = 1)
     return best if best.is_file() else out / kind / "last.pt"
 
@@ -254,11 +260,10 @@ def _attack_subset(dataset: CrowdDataset, n: int | None) -> CrowdDataset:
     return dataset.subset(sorted({int(i) for i in np.linspace(0, len(dataset) - 1, n).round()}))
 
 
-def _calibration(row: Row, model, args: argparse.Namespace, train_root: Path, sides: list[int], out: Path,
+def _calibration(row: Row, model, rf, args: argparse.Namespace, train_root: Path, sides: list[int], out: Path,
                  device: torch.device):
     """rf-clip / rf-mask constants: the row's file, a release's own, or calibrated on the train split (once per
     weights file, kept in calibration/ for the other rows and a resumed run)."""
-    rf = receptive_field(model)
     found = releases.find(row.weights)
     if row.calibration is not None or found is not None:
         return load_calibration(Path(row.calibration) if row.calibration else releases.calibration(found), rf)
@@ -279,8 +284,8 @@ def _certifier(row: Row, model, args: argparse.Namespace, train_root: Path, side
     if row.method == "ablation":
         return AblationCertifier(_ablation_spec(args, row.weights), samples, args.alpha, ABLATION_BATCH, eot=args.eot,
                                  seed=args.seed, generator=torch.Generator(device=device).manual_seed(args.seed))
-    counter = RFClipCertifier if row.method == "rf-clip" else RFMaskCertifier
-    return counter(receptive_field(model), _calibration(row, model, args, train_root, sides, out, device))
+    counter, rf = RFClipCertifier if row.method == "rf-clip" else RFMaskCertifier, receptive_field(model)
+    return counter(rf, _calibration(row, model, rf, args, train_root, sides, out, device))
 
 
 def _check(attacked: list[dict], certified: dict[str, dict], side: int) -> dict:
@@ -330,7 +335,7 @@ def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_roo
               "per_image": per_image}
     by_image = {r["image"]: r for r in per_image}
     sweep = args.eval_placement == "sweep"  # each placement evaluated where the patch reaches (`utils.local_eval`)
-    through, counter = None, local_counter(model) if sweep else model
+    through, counter = None, local_counter(model) if sweep and row.method == "plain" else model
     if row.method == "ablation":  # attacked through an expectation over ablations, counted by the smoothed count
         smoothed = _certifier(row, model, args, train_root, covered, out, device, args.attack_samples)
         through, counter = partial(smoothed.attack_density, model), partial(smoothed.density, model)
@@ -347,7 +352,7 @@ def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_roo
                 counter=counter, placement=args.eval_placement, control=False)
             result["attacked"][str(side)][target] = {**metrics["attacked"], "clean": metrics["clean"],
                                                 "counts": [r["attacked"] for r in attacked]}
-            if certificate is not None:
+            if row.method in ("rf-clip", "rf-mask"):  # ablation's attacked median is not its certified one
                 result["checked"][str(side)][target] = _check(attacked, by_image, side)
     return result
 
@@ -389,8 +394,8 @@ def _table(results: dict, floors: dict, args: argparse.Namespace, notes: list[st
     for r in results.values():
         cert = (r["certificate"] or {}).get("patch_sizes", {})
         checked = [c for per_side in r["checked"].values() for c in per_side.values()]
-        outside = (f"{sum(len(c['outside']) for c in checked)} of {sum(c['counts'] for c in checked)}"
-                   + (" (probabilistic)" if r["method"] == "ablation" else "")) if checked else ""
+        outside = f"{sum(len(c['outside']) for c in checked)} of {sum(c['counts'] for c in checked)}" if checked \
+            else ""
         clean = _cell(r["clean"]) + (f" ({r['clean_counter']} counter)" if r["clean_counter"] else "") \
             + (" ‡" if r["scored_images"] < r["test_images"] else "")
         cells = [r["label"], str(r["forward_passes_per_image"]), f"{r['seconds_per_image']:.3f}", clean]
@@ -465,8 +470,11 @@ def main(args: argparse.Namespace) -> dict:
     train_root = train_root or test_root
     kinds = [kind for kind in KINDS if getattr(args, kind) is not None or not rows]
     trained = [kind for kind in kinds if getattr(args, kind) is None]
-    if "ra" in kinds and "ra" not in trained:
-        _ablation_spec(args, args.ra)  # fail now on an RA checkpoint without its ablation
+    # the ablation of the RA row (an RA checkpoint without one fails now), which names it
+    keep = (_ablation_spec(args, args.ra) if "ra" in kinds and "ra" not in trained else cli.ablation_spec(args, None)
+            ).keep
+    labels = {k: KINDS[k][0] + (f" (k={keep})" if k == "ra" else "") for k in kinds}
+    _unique([Row(labels[k], KINDS[k][1], "") for k in kinds] + rows)
     for row in rows:
         if row.method == "ablation":
             _ablation_spec(args, row.weights)
@@ -475,8 +483,6 @@ def main(args: argparse.Namespace) -> dict:
     checkpoints = {kind: getattr(args, kind) for kind in KINDS}
     for kind in trained:
         checkpoints[kind] = _train(kind, args, checkpoints, train_root, test_root, synthetic, out, device)
-    labels = {k: KINDS[k][0] + (f" (k={_ablation_spec(args, checkpoints[k]).keep})" if k == "ra" else "")
-              for k in kinds}
     rows = [Row(labels[k], KINDS[k][1], str(checkpoints[k])) for k in kinds] + rows
     probe = CrowdDataset.for_model(test_root, _build(rows[0].weights, args.model), density=args.density,
                                    max_images=args.max_test_images)
@@ -486,8 +492,7 @@ def main(args: argparse.Namespace) -> dict:
     for row in rows:  # the table so far after every row: a long comparison shows its rows as they are done
         results[row.label] = _run_row(row, args, train_root, test_root, out, device)
         table = _write(out, results, floors, args, _notes(results, args, trained, synthetic))
-    checked = [c for r in results.values() if r["method"] != "ablation" for side in r["checked"].values()
-               for c in side.values()]
+    checked = [c for r in results.values() for side in r["checked"].values() for c in side.values()]
     if checked:
         print(f"certificates checked: {sum(len(c['outside']) for c in checked)} of "
               f"{sum(c['counts'] for c in checked)} attacked counts outside their certified interval")

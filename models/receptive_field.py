@@ -163,8 +163,9 @@ class Structural(TorchFunctionMode):
 
 
 def structural_copy(net: nn.Module) -> nn.Module:
-    """A float32 copy of `net` in eval mode, with no gradients of its own; run it under `Structural`."""
-    return copy.deepcopy(net).float().eval().requires_grad_(False)
+    """A float32 copy of `net` on the CPU (where the probe inputs are, whatever device `net` is on), in eval mode,
+    with no gradients of its own; run it under `Structural`."""
+    return copy.deepcopy(net).float().cpu().eval().requires_grad_(False)
 
 
 @torch.enable_grad()  # also when called under no_grad

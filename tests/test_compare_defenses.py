@@ -129,3 +129,19 @@ def test_a_run_repeated_from_its_args_json_gives_the_same_table(tiny_crowds, tin
         return [line.split("|")[:3] + line.split("|")[4:] for line in table.splitlines()]
 
     assert untimed((tmp_path / "again" / "comparison.md").read_text()) == untimed((first / "comparison.md").read_text())
+
+
+def test_rows_that_would_share_a_file_are_one_line(tiny_crowds, tiny_mcnn, tmp_path, cli_error):
+    code, lines = cli_error(compare_defenses, ["--data", str(tiny_crowds), "--adv", str(tiny_mcnn), "--row",
+                                               "Adversarial training", "plain", str(tiny_mcnn), "--out",
+                                               str(tmp_path / "x")])
+    assert code == 2 and len(lines) == 1 and "would share rows/adversarial-training.json" in lines[0], lines
+    assert not (tmp_path / "x").exists()
+
+
+def test_rows_added_on_resume_need_a_run_with_rows(tiny_crowds, tiny_mcnn, tmp_path, cli_error):
+    run = tmp_path / "paper"  # a comparison of the paper's three models, recorded without --row
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"script": "compare_defenses", "row": None, "data": str(tiny_crowds)}))
+    code, lines = cli_error(compare_defenses, ["--out", str(run), "--resume", "--row", "X", "plain", str(tiny_mcnn)])
+    assert code == 2 and len(lines) == 1 and "--row adds to what the run being resumed recorded" in lines[0], lines

@@ -29,7 +29,7 @@ def test_local_density_equals_the_whole_pass(name):
     images = torch.rand(2, 3, 12 * m, 16 * m, generator=torch.Generator().manual_seed(1))
     patched = _sweep(images, PatchSpec(20, "circle"))
     counter = local_counter(model)
-    if not isinstance(counter, LocalCounter):  # unevenly spaced cells: the whole pass, unchanged
+    if not isinstance(counter, LocalCounter):  # no local evaluation for this field: the whole pass, unchanged
         assert counter is model
         return
     with torch.no_grad():

@@ -38,14 +38,15 @@ class LocalCounter:
                  post: Callable[[torch.Tensor], torch.Tensor] | None = None, rf: ReceptiveField | None = None):
         self.net, self.post = net or model, post or (lambda density: density)
         self.rf, self.stride = rf or receptive_field(model), model.stride
-        if self.rf.stride != self.stride:
-            raise GlobalFieldError(f"{model.name}'s cells are not evenly spaced: no local evaluation")
+        if self.rf.offset > 0 or self.rf.offset + self.rf.side < self.rf.stride:  # a cell would miss its own pixels
+            raise GlobalFieldError(f"{model.name}'s field {self.rf} does not cover its cells: no local evaluation")
         self.grid = math.lcm(model.size_multiple, self.rf.stride)  # crops start on it: cells and pooling line up
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         raw = self.net(images)
-        # a sweep of these same, unchanged images starts from it (`evaluate_patch` counts them clean first)
-        self._last = (images, images._version, raw.detach())
+        # a sweep of these same, unchanged images (same tensor, no in-place change since) starts from it, as
+        # `evaluate_patch` counts them clean first with the same weights and precision
+        self._last = None if images.is_inference() else (images, images._version, raw.detach())
         return self.post(raw)
 
     def _span(self, low: int, high: int, pixels: int, cells: int) -> tuple[int, int, int, int]:
@@ -81,7 +82,7 @@ class LocalCounter:
 
 
 def local_counter(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`model` as a `LocalCounter` where its receptive field is bounded and evenly spaced, else `model` itself."""
+    """`model` as a `LocalCounter` where its receptive field is bounded, else `model` itself."""
     try:
         return LocalCounter(model)
     except GlobalFieldError:

@@ -102,7 +102,10 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         new = getattr(args, dest)
         if dest not in given or _same(new, old):
             setattr(merged, dest, old)
-        elif isinstance(action, argparse._AppendAction) and old is not None:  # e.g. more rows of a comparison
+        elif isinstance(action, argparse._AppendAction):  # e.g. more rows of a comparison
+            if old is None:
+                raise ToolkitError(f"{_flag(action)} adds to what the run being resumed recorded, and it recorded "
+                                   f"none ({args.out / source}): start a new run with every {_flag(action)} it needs")
             setattr(merged, dest, old + [v for v in new if v not in old])
         elif not (dest == "epochs" and new > old):
             raise ToolkitError(f"{_flag(action)} {new} contradicts the run being resumed ({_flag(action)} {old} in "
