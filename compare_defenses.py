@@ -53,7 +53,8 @@ from utils.training import DEFAULTS as PLAIN_DEFAULTS
 from utils.training import VALIDATION, fit
 from utils.victims import synthetic_victim
 
-METHODS = ("plain", "ablation", "rf-clip", "rf-mask")
+RF_METHODS = ("rf-clip", "rf-mask")  # deterministic certificates, from the receptive field
+METHODS = ("plain", "ablation", *RF_METHODS)
 KINDS = {"vanilla": ("undefended", "plain"), "adv": ("adversarial training", "plain"),
          "ra": ("randomized ablation", "ablation")}
 # On the synthetic default: shorter schedules and a smaller test set, so the whole comparison takes minutes
@@ -162,7 +163,7 @@ def _parse_rows(entries: list[list[str]] | None) -> list[Row]:
         if releases.find(row.weights) is None and not Path(row.weights).is_file():
             raise ToolkitError(f"--row {row.label!r}: weights not found: {row.weights} (a file or a release name: "
                                f"{', '.join(releases.releases()) or 'none'})")
-        if row.calibration is not None and row.method not in ("rf-clip", "rf-mask"):
+        if row.calibration is not None and row.method not in RF_METHODS:
             raise ToolkitError(f"--row {row.label!r}: a calibration is for rf-clip and rf-mask, not {row.method}")
         if row.calibration is not None and not Path(row.calibration).is_file():
             raise ToolkitError(f"--row {row.label!r}: calibration not found: {row.calibration}")
@@ -318,7 +319,7 @@ def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_roo
     start = time.perf_counter()
     certificate = None
     if certifier is None:
-        clean, per_image, _ = evaluate(model, scored, device, args.amp, desc=row.label)
+        _, per_image, _ = evaluate(model, scored, device, args.amp, desc=row.label)
         per_image = [{**r, "count": r["pred"]} for r in per_image]
     else:
         per_image, certificate = certify_patches(certifier, model, scored, specs, device, args.amp)
@@ -340,7 +341,7 @@ def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_roo
         smoothed = _certifier(row, model, args, train_root, covered, out, device, args.attack_samples)
         through, counter = partial(smoothed.attack_density, model), partial(smoothed.density, model)
     for side, spec in attack_specs.items():
-        if row.method in ("rf-clip", "rf-mask"):  # the counter for the patch as the certificate covers it
+        if row.method in RF_METHODS:  # the counter for the patch as the certificate covers it
             through = partial(certifier.attack_density, model, side=certifier.covered_side(spec))
             counter = certifier.local_counter(model, certifier.covered_side(spec)) if sweep else \
                 partial(certifier.density, model, side=certifier.covered_side(spec))
@@ -352,7 +353,7 @@ def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_roo
                 counter=counter, placement=args.eval_placement, control=False)
             result["attacked"][str(side)][target] = {**metrics["attacked"], "clean": metrics["clean"],
                                                 "counts": [r["attacked"] for r in attacked]}
-            if row.method in ("rf-clip", "rf-mask"):  # ablation's attacked median is not its certified one
+            if row.method in RF_METHODS:  # ablation's attacked median is not its certified one
                 result["checked"][str(side)][target] = _check(attacked, by_image, side)
     return result
 
