@@ -339,7 +339,8 @@ def _evaluate_row(row: Row, args: argparse.Namespace, train_root: Path, test_roo
     through, counter = None, local_counter(model) if sweep and row.method == "plain" else model
     if row.method == "ablation":  # attacked through an expectation over ablations, counted by the smoothed count
         smoothed = _certifier(row, model, args, train_root, covered, out, device, args.attack_samples)
-        through, counter = partial(smoothed.attack_density, model), partial(smoothed.density, model)
+        through = partial(smoothed.attack_density, model)
+        counter = smoothed.local_counter(model) if sweep else partial(smoothed.density, model)
     for side, spec in attack_specs.items():
         if row.method in RF_METHODS:  # the counter for the patch as the certificate covers it
             through = partial(certifier.attack_density, model, side=certifier.covered_side(spec))

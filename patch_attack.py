@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> dict:
         certifier = _certifier(args, model, device)
         side = certifier.covered_side(spec)
         through = partial(certifier.attack_density, model, side=side)
-        counter = certifier.local_counter(model, side) if sweep and args.counter != "ablation" else \
+        counter = certifier.local_counter(model, side) if sweep else \
             partial(certifier.density, model, side=side)
         certifier.density(model, test_set[0][0][None].to(device), side)  # fail now, not after APAM
     patch = patch.to(device)

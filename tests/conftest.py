@@ -149,7 +149,8 @@ def tiny_ra_pixel(tiny_crowds, tmp_path_factory) -> Path:
 
 
 class AblationLog(list):
-    """(spec, ablated batch, crop) of every `AblationSpec.ablate` call: the inputs a script builds for the model."""
+    """(spec, ablated batch, kind) of every ablation a script builds for the model: kind "crop" or "image" from
+    `AblationSpec.ablate`, "draws" from `ablate_at` (kept draws applied again, as a smoothed sweep does)."""
 
     def check(self, unit: str, fill: float, crops: bool = False) -> None:
         """Every batch was ablated by `unit` with `fill` (and some were crops of the kept-unit share, if `crops`)."""
@@ -162,21 +163,27 @@ class AblationLog(list):
             if unit == "pixel":  # a pixel is kept or filled in all its channels at once
                 assert torch.equal(at_fill.all(dim=1), at_fill.any(dim=1))
             assert at_fill.float().mean() > 0.5
-        assert not crops or any(crop for _, _, crop in self)
+        assert not crops or any(kind == "crop" for _, _, kind in self)
 
 
 @pytest.fixture
 def ablation_log(monkeypatch) -> AblationLog:
     from utils.ablation import AblationSpec
 
-    log, real = AblationLog(), AblationSpec.ablate
+    log, real, real_at = AblationLog(), AblationSpec.ablate, AblationSpec.ablate_at
 
     def recording(self, x, generator=None, crop=False):
         out = real(self, x, generator, crop)
-        log.append((self, out.detach(), crop))
+        log.append((self, out.detach(), "crop" if crop else "image"))
+        return out
+
+    def recording_at(self, x, idx):
+        out = real_at(self, x, idx)
+        log.append((self, out.detach(), "draws"))
         return out
 
     monkeypatch.setattr(AblationSpec, "ablate", recording)
+    monkeypatch.setattr(AblationSpec, "ablate_at", recording_at)
     return log
 
 

@@ -253,3 +253,20 @@ def test_a_certified_counter_attacked_end_to_end_stays_inside_its_certificate(ti
             assert float(row["clean"]) == pytest.approx(float(b["count16"]), rel=1e-5)  # the certified counter
             for label in ("attacked", "control"):
                 assert float(b["L16"]) - 1e-4 <= float(row[label]) <= float(b["U16"]) + 1e-4, (objective, row)
+
+
+def test_the_smoothed_counter_is_attacked_and_swept_with_its_trained_ablation(tiny_ra_mcnn, tiny_crowds, tmp_path,
+                                                                              ablation_log):
+    import csv
+
+    metrics = patch_attack.main(patch_attack.get_args_parser().parse_args([
+        "--weights", str(tiny_ra_mcnn / "best.pt"), "--data", str(tiny_crowds), "--counter", "ablation",
+        "--counter-samples", "4", "--patch-size", "16", "--epochs", "1", "--eval-placement", "sweep",
+        "--figures", "0", "--out", str(tmp_path / "run"), "--device", "cpu"]))
+    assert metrics["counter"] == "ablation"
+    rows = list(csv.DictReader(open(tmp_path / "run" / "per_image.csv")))
+    assert len(rows) == 3 and all(float(r["attacked"]) >= 0 for r in rows)  # medians of counts after a ReLU
+    ablation_log.check(unit="element", fill=0.1307, crops=True)
+    # the sweep ablates each test image and its 9 patched versions with the 4 draws of its clean count
+    swept = [batch for _, batch, kind in ablation_log if kind == "draws"]
+    assert len(swept) >= 3 * (1 + 9) and all(batch.shape[0] == 4 for batch in swept)

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from models import build
+from utils.ablation import AblationSpec
 from utils.attack import patched_counts
-from utils.local_eval import LocalCounter, local_counter
+from utils.certify import AblationCertifier
+from utils.local_eval import LocalCounter, LocalSmoothedCounter, local_counter
 from utils.patch import PatchSpec, random_patch
 from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier
 
@@ -96,3 +98,62 @@ def test_a_sweep_after_the_clean_count_reuses_its_pass_unless_the_images_changed
         patched = _sweep(images, PatchSpec(20, "circle"))
         torch.testing.assert_close(counter.patched_density(images, patched), model(patched.flatten(0, 1)),
                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep, unit", [(45, "element"), (3000, "pixel")])
+def test_smoothed_counts_of_a_sweep_are_the_medians_over_the_images_own_ablations(keep, unit):
+    """Each patched version's smoothed count is the median over the same ablations as its image, computed whole;
+    few kept units (nothing recomputed) or many (recomputed where the patch reaches) alike."""
+    model = build("mcnn", seed=0).eval()
+    spec, samples = AblationSpec(keep, unit), 5
+    counter = LocalSmoothedCounter(model, spec, samples, torch.Generator().manual_seed(0), batch_size=2)
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    patched = _sweep(images, PatchSpec(20, "circle"))
+    with torch.no_grad():
+        counter(images)
+        local = counter.patched_density(images, patched).flatten()
+        draws = counter._last[2]
+        whole = torch.stack([model(spec.ablate_at(patched[i, j].expand(samples, -1, -1, -1), draws[i]))
+                             .sum(dim=(1, 2, 3)).quantile(0.5)
+                             for i in range(len(images)) for j in range(patched.shape[1])])
+    torch.testing.assert_close(local, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_smoothed_clean_counts_draw_the_ablations_of_the_certifier():
+    """The same generator gives the same ablations, hence the same median counts, as `AblationCertifier.density`."""
+    model = build("mcnn", seed=0).eval()
+    spec = AblationSpec(500, "element")
+    images = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    cert = AblationCertifier(spec, 6, generator=torch.Generator().manual_seed(5))
+    counter = cert.local_counter(model)
+    assert isinstance(counter, LocalSmoothedCounter)
+    with torch.no_grad():
+        local = counter(images)
+        whole = AblationCertifier(spec, 6, generator=torch.Generator().manual_seed(5)).density(model, images)
+    torch.testing.assert_close(local, whole)
+
+
+def test_a_smoothed_counter_needs_a_bounded_field():
+    cert = AblationCertifier(AblationSpec(45), 4, generator=torch.Generator().manual_seed(0))
+    counter = cert.local_counter(build("can", seed=0).eval())
+    assert not isinstance(counter, LocalSmoothedCounter) and counter.func == cert.density
+
+
+def test_a_smoothed_sweep_after_the_clean_count_makes_no_whole_pass():
+    """Through `patched_counts`, as `evaluate_patch` sweeps: the clean count's ablations are the only whole passes,
+    and the worst position's count is the median over the image's own ablations of the patched image."""
+    model = build("mcnn", seed=0).eval()
+    spec, samples = AblationSpec(45), 4
+    counter, shapes = LocalSmoothedCounter(model, spec, samples, torch.Generator().manual_seed(0)), []
+    counter.local.net = lambda x: shapes.append(tuple(x.shape[-2:])) or model(x)
+    images = torch.rand(2, 3, 192, 256, generator=torch.Generator().manual_seed(1))  # larger than any crop
+    patch = random_patch(24, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        counter(images)
+        counts, patched, _ = patched_counts(counter, images, torch.tensor([0.0, 1e4]), patch, PatchSpec(24, "circle"),
+                                            "sweep", torch.Generator().manual_seed(3), amp=False)
+        draws = counter._last[2]
+        whole = torch.stack([model(spec.ablate_at(patched[i].expand(samples, -1, -1, -1), draws[i]))
+                             .sum(dim=(1, 2, 3)).quantile(0.5) for i in range(2)])
+    assert shapes.count((192, 256)) == 2  # one batch of ablations per image, before the sweep
+    torch.testing.assert_close(counts, whole, atol=1e-5, rtol=1e-5)

@@ -63,12 +63,17 @@ def ablate(x: torch.Tensor, keep: int, unit: str = "element", fill: float = FILL
 
     Differentiable with respect to the kept values, so attacks can take expectations over ablations.
     """
+    idx = sample_indices(units_per_image(x.shape, unit), keep, x.shape[0], generator, x.device)
+    return ablate_at(x, idx, unit, fill)
+
+
+def ablate_at(x: torch.Tensor, idx: torch.Tensor, unit: str = "element", fill: float = FILL) -> torch.Tensor:
+    """Copy of a batch (N, 3, H, W) that keeps, per image, the units at its row of `idx` (N, keep) and sets the
+    rest to `fill`: the same ablations applied to other images of the same shape (e.g. patched versions)."""
     n = x.shape[0]
-    d = units_per_image(x.shape, unit)
-    idx = sample_indices(d, keep, n, generator, x.device)
     flat = x.reshape(n, -1) if unit == "element" else x.reshape(n, x.shape[1], -1)
     if unit == "pixel":
-        idx = idx.unsqueeze(1).expand(n, x.shape[1], keep)
+        idx = idx.unsqueeze(1).expand(n, x.shape[1], idx.shape[-1])
     out = torch.full_like(flat, fill).scatter_(-1, idx, flat.gather(-1, idx))
     return out.view_as(x)
 
@@ -118,6 +123,17 @@ class AblationSpec:
         its d), or the crop's share with `crop`."""
         keep = self.crop_keep(x.shape) if crop else min(self.keep, self.units(x.shape))
         return ablate(x, keep, self.unit, self.fill, generator)
+
+    def indices(self, shape: tuple[int, ...], samples: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+        """(samples, k) unit indices: `samples` independent ablations of a whole image of `shape`, as `ablate`
+        draws them, for `ablate_at`."""
+        d = self.units(shape)
+        return sample_indices(d, min(self.keep, d), samples, generator, device)
+
+    def ablate_at(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The ablations of rows `idx` (from `indices`) applied to the batch `x`, one row per image."""
+        return ablate_at(x, idx, self.unit, self.fill)
 
     @torch.no_grad()
     def counts(self, model, image: torch.Tensor, samples: int, batch_size: int = 64,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from datasets.crowd import CrowdDataset, EqualSizeBatches, same_size_batches
 from utils import distributed
 from utils.errors import ToolkitError
-from utils.local_eval import LocalCounter
+from utils.local_eval import LocalCounter, LocalSmoothedCounter
 from utils.metrics import summarize
 from utils.patch import PatchSpec, random_patch, sweep_centers
 from utils.runtime import autocast, progress, rank_seed
@@ -170,8 +170,8 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     """Counts of a batch with the patch applied as `spec` says: (counts (N,), patched images, densities).
 
     `placement` (default the spec's) `sweep` tries a `sweep`×`sweep` grid of positions per image and keeps the one
-    whose count is farthest from the ground truth `gt` (N,), the worst case for the defender; a `LocalCounter`
-    evaluates those placements locally (the same counts, a fraction of the operations).
+    whose count is farthest from the ground truth `gt` (N,), the worst case for the defender; a `LocalCounter` or
+    `LocalSmoothedCounter` evaluates those placements locally (the same counts, a fraction of the operations).
     """
     n, _, h, w = images.shape
     if (placement or spec.placement) != "sweep":
@@ -184,7 +184,7 @@ def patched_counts(model: Callable[[torch.Tensor], torch.Tensor], images: torch.
     batch = images.repeat_interleave(k, dim=0)
     patched, _ = spec.paste(batch, patch, grid.repeat(n, 1), generator)
     with autocast(images.device, amp):
-        if isinstance(model, LocalCounter):  # one whole pass per image, one crop per placement
+        if isinstance(model, LocalCounter | LocalSmoothedCounter):  # one whole pass per image, a crop per placement
             density = model.patched_density(images, patched.view(n, k, *patched.shape[1:])).float()
         else:
             density = model(patched).float()

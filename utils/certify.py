@@ -7,6 +7,7 @@ variation between the clean and attacked ablated-count distributions, so the att
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -14,9 +15,11 @@ from scipy.stats import binom
 from torch import nn
 
 from datasets.crowd import EqualSizeBatches
+from models.receptive_field import GlobalFieldError
 from utils import distributed
 from utils.ablation import AblationSpec
 from utils.errors import ToolkitError
+from utils.local_eval import LocalSmoothedCounter
 from utils.metrics import summarize
 from utils.patch import PatchSpec
 from utils.runtime import autocast, derived_seed, progress
@@ -166,6 +169,14 @@ class AblationCertifier(Certifier):
         counts = [self.spec.counts(model, image, self.samples, self.batch_size, self.generator).quantile(0.5)
                   for image in images]
         return torch.stack(counts).view(-1, 1, 1, 1)
+
+    def local_counter(self, model, side: int | None = None):
+        """`density(model, ·)` that evaluates a placement sweep locally (`LocalSmoothedCounter`) where the model's
+        field is bounded, else `density` itself."""
+        try:
+            return LocalSmoothedCounter(model, self.spec, self.samples, self.generator, self.batch_size)
+        except GlobalFieldError:
+            return partial(self.density, model)
 
     def attack_density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
         """The expectation over ablations an attack descends: `eot` fresh ablations of each image (a crop keeps its

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from models.receptive_field import GlobalFieldError, ReceptiveField, receptive_field
+from utils.ablation import AblationSpec
 
 
 def changed_box(images: torch.Tensor, patched: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -64,10 +65,16 @@ class LocalCounter:
         k of every image changed inside one box (as a sweep pastes a patch at one position per k), as (N·K, 1, h, w)
         in image-major order, like the density of `patched.flatten(0, 1)`. The clean pass is the one of the last
         call on these same `images`, where there was one."""
-        n, k, _, h, w = patched.shape
         last = getattr(self, "_last", None)
         fresh = last is not None and last[0] is images and last[1] == images._version
         clean = last[2] if fresh else self.net(images)
+        return self.post(self.patch_raw(clean, images, patched).flatten(0, 1))
+
+    def patch_raw(self, clean: torch.Tensor, images: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+        """`net`'s densities (N, K, 1, h, w) of `patched` (N, K, C, H, W), from `clean`, `net`'s density of
+        `images`: only the cells whose fields meet version k's changed box recomputed, nothing where it is
+        unchanged."""
+        n, k, _, h, w = patched.shape
         out = clean.unsqueeze(1).repeat(1, k, 1, 1, 1)
         for j in range(k):
             box = changed_box(images, patched[:, j])
@@ -78,7 +85,56 @@ class LocalCounter:
             crop = self.net(patched[:, j, :, y0:y1, x0:x1])
             dy, dx = y0 // self.stride, x0 // self.stride
             out[:, j, :, r0:r1, c0:c1] = crop[..., r0 - dy:r1 - dy, c0 - dx:c1 - dx]
-        return self.post(out.flatten(0, 1))
+        return out
+
+
+class LocalSmoothedCounter:
+    """Randomized ablation's smoothed counter (the median count of `samples` ablations of each image, `spec`) over a
+    network with a bounded receptive field, evaluating a placement sweep locally.
+
+    Every patched version of an image is ablated with the image's own `samples` draws (common random numbers): each
+    version's count is still the median of `samples` uniform ablations, as independent draws would give, and an
+    ablation that keeps no unit under the patch sees the clean ablated image, so nothing is recomputed for it; one
+    that keeps some is recomputed where the patch reaches (`LocalCounter`). With the paper's k = 45 of 2.4 M units,
+    a 40 px patch holds a kept unit in under one ablation in ten, so a sweep costs the clean passes alone.
+    """
+
+    def __init__(self, model, spec: AblationSpec, samples: int, generator: torch.Generator | None = None,
+                 batch_size: int = 16, rf: ReceptiveField | None = None):
+        self.local, self.spec, self.samples = LocalCounter(model, rf=rf), spec, samples
+        self.generator, self.batch_size = generator, batch_size
+
+    def _ablated(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: its `samples` ablations' unit indices (samples, k) and `net`'s densities of them."""
+        draws, raws = [], []
+        for image in images:
+            idx = self.spec.indices(image.shape, self.samples, self.generator, image.device)
+            draws.append(idx)
+            raws.append(torch.cat([self.local.net(self.spec.ablate_at(image.expand(len(part), *image.shape), part))
+                                   for part in idx.split(self.batch_size)]))
+        return draws, raws
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The smoothed counts of `images` as one-cell densities (N, 1, 1, 1)."""
+        draws, raws = self._ablated(images)
+        self._last = None if images.is_inference() else (images, images._version, draws, raws)
+        return torch.stack([raw.sum(dim=(1, 2, 3)).float().quantile(0.5) for raw in raws]).view(-1, 1, 1, 1)
+
+    def patched_density(self, images: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+        """The smoothed counts (N·K, 1, 1, 1) of `patched` (N, K, C, H, W), image-major, each version ablated with
+        its image's draws of the last call on these same `images` (fresh draws where there was none)."""
+        n, k = patched.shape[:2]
+        last = getattr(self, "_last", None)
+        fresh = last is not None and last[0] is images and last[1] == images._version
+        draws, raws = last[2:] if fresh else self._ablated(images)
+        counts = []
+        for i in range(n):
+            clean = self.spec.ablate_at(images[i].expand(self.samples, *images.shape[1:]), draws[i])
+            for j in range(k):
+                version = self.spec.ablate_at(patched[i, j].expand(self.samples, *images.shape[1:]), draws[i])
+                raw = self.local.patch_raw(raws[i], clean, version.unsqueeze(1))
+                counts.append(raw.sum(dim=(1, 2, 3, 4)).float().quantile(0.5))
+        return torch.stack(counts).view(-1, 1, 1, 1)
 
 
 def local_counter(model) -> Callable[[torch.Tensor], torch.Tensor]:
