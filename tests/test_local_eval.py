@@ -103,7 +103,7 @@ def test_a_sweep_after_the_clean_count_reuses_its_pass_unless_the_images_changed
 @pytest.mark.parametrize("keep, unit", [(45, "element"), (3000, "pixel")])
 def test_smoothed_counts_of_a_sweep_are_the_medians_over_the_images_own_ablations(keep, unit):
     """Each patched version's smoothed count is the median over the same ablations as its image, computed whole;
-    few kept units (nothing recomputed) or many (recomputed where the patch reaches) alike."""
+    few kept units (some ablations keep one under the patch) or many (all do) alike."""
     model = build("mcnn", seed=0).eval()
     spec, samples = AblationSpec(keep, unit), 5
     counter = LocalSmoothedCounter(model, spec, samples, torch.Generator().manual_seed(0), batch_size=2)

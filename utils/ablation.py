@@ -126,10 +126,14 @@ class AblationSpec:
 
     def indices(self, shape: tuple[int, ...], samples: int, generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
-        """(samples, k) unit indices: `samples` independent ablations of a whole image of `shape`, as `ablate`
-        draws them, for `ablate_at`."""
+        """(samples, k) unit indices of `samples` independent, uniform ablations of a whole image of `shape`, for
+        `ablate_at` (drawn at once: the same as `counts` draws them where `samples` fits one of its batches)."""
         d = self.units(shape)
         return sample_indices(d, min(self.keep, d), samples, generator, device)
+
+    def pixels(self, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The pixel (y·W + x) of each unit index of an image of `shape`."""
+        return idx % (shape[-2] * shape[-1]) if self.unit == "element" else idx
 
     def ablate_at(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The ablations of rows `idx` (from `indices`) applied to the batch `x`, one row per image."""
@@ -145,7 +149,7 @@ class AblationSpec:
         counts = []
         for start in range(0, samples, batch_size):
             n = min(batch_size, samples - start)
-            counts.append(model(self.ablate(image.expand(n, *image.shape), generator)).sum(dim=(1, 2, 3)))
+            counts.append(model(self.ablate(image.expand(n, *image.shape), generator)).float().sum(dim=(1, 2, 3)))
         return torch.cat(counts).float()
 
     def to_dict(self) -> dict:

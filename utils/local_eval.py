@@ -92,11 +92,12 @@ class LocalSmoothedCounter:
     """Randomized ablation's smoothed counter (the median count of `samples` ablations of each image, `spec`) over a
     network with a bounded receptive field, evaluating a placement sweep locally.
 
-    Every patched version of an image is ablated with the image's own `samples` draws (common random numbers): each
-    version's count is still the median of `samples` uniform ablations, as independent draws would give, and an
-    ablation that keeps no unit under the patch sees the clean ablated image, so nothing is recomputed for it; one
-    that keeps some is recomputed where the patch reaches (`LocalCounter`). With the paper's k = 45 of 2.4 M units,
-    a 40 px patch holds a kept unit in under one ablation in ten, so a sweep costs the clean passes alone.
+    Every patched version of an image is ablated with the image's own `samples` draws (common random numbers), so
+    each version's count is still the median of `samples` uniform ablations, as independent draws would give. An
+    ablation that keeps no unit inside the patch's changed box sees the clean ablated image and keeps its clean
+    count; only the others are recomputed, and only where the patch reaches (`LocalCounter`). With the paper's
+    k = 45 of the 2.4 M units of a 768×1024 image, about one ablation in eleven keeps a unit under a 40 px patch and
+    one in three under an 81 px one, each recomputed on a crop of a twentieth to a fifteenth of the image.
     """
 
     def __init__(self, model, spec: AblationSpec, samples: int, generator: torch.Generator | None = None,
@@ -114,26 +115,37 @@ class LocalSmoothedCounter:
                                    for part in idx.split(self.batch_size)]))
         return draws, raws
 
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """The smoothed counts of `images` as one-cell densities (N, 1, 1, 1)."""
         draws, raws = self._ablated(images)
         self._last = None if images.is_inference() else (images, images._version, draws, raws)
-        return torch.stack([raw.sum(dim=(1, 2, 3)).float().quantile(0.5) for raw in raws]).view(-1, 1, 1, 1)
+        return torch.stack([raw.float().sum(dim=(1, 2, 3)).quantile(0.5) for raw in raws]).view(-1, 1, 1, 1)
 
+    @torch.no_grad()
     def patched_density(self, images: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
         """The smoothed counts (N·K, 1, 1, 1) of `patched` (N, K, C, H, W), image-major, each version ablated with
         its image's draws of the last call on these same `images` (fresh draws where there was none)."""
-        n, k = patched.shape[:2]
+        n, k, _, h, w = patched.shape
         last = getattr(self, "_last", None)
         fresh = last is not None and last[0] is images and last[1] == images._version
         draws, raws = last[2:] if fresh else self._ablated(images)
         counts = []
         for i in range(n):
-            clean = self.spec.ablate_at(images[i].expand(self.samples, *images.shape[1:]), draws[i])
+            clean_counts = raws[i].float().sum(dim=(1, 2, 3))
+            kept = self.spec.pixels(draws[i], images.shape)
+            ys, xs = kept // w, kept % w
             for j in range(k):
-                version = self.spec.ablate_at(patched[i, j].expand(self.samples, *images.shape[1:]), draws[i])
-                raw = self.local.patch_raw(raws[i], clean, version.unsqueeze(1))
-                counts.append(raw.sum(dim=(1, 2, 3, 4)).float().quantile(0.5))
+                count, box = clean_counts.clone(), changed_box(images[i:i + 1], patched[i:i + 1, j])
+                if box is not None:
+                    inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
+                    hit = inside.any(dim=1).nonzero().flatten()
+                    for rows in hit.split(self.batch_size) if len(hit) else ():
+                        clean = self.spec.ablate_at(images[i].expand(len(rows), -1, -1, -1), draws[i][rows])
+                        version = self.spec.ablate_at(patched[i, j].expand(len(rows), -1, -1, -1), draws[i][rows])
+                        raw = self.local.patch_raw(raws[i][rows], clean, version.unsqueeze(1))
+                        count[rows] = raw.float().sum(dim=(1, 2, 3, 4))
+                counts.append(count.quantile(0.5))
         return torch.stack(counts).view(-1, 1, 1, 1)
 
 
