@@ -34,6 +34,14 @@ def test_table_of_three_given_models(tiny_crowds, tiny_mcnn, tiny_ra_mcnn, tmp_p
     assert cert["patch_sizes"]["8"]["certified_side"] > 8
     assert "nan" not in table.lower()  # a side where nothing is certified shows its 0 %, no tight-MAE
     assert ra["clean"] == cert["counter"]
+    # its attacked counts checked against its own interval, per image certified
+    for side, per_target in ra["checked"].items():
+        certified = [x for x in ra["per_image"] if not np.isnan(x[f"L{side}"])]
+        for target, check in per_target.items():
+            outside = [x["image"] for x, count in zip(ra["per_image"], ra["attacked"][side][target]["counts"],
+                                                      strict=True)
+                       if not np.isnan(x[f"L{side}"]) and not x[f"L{side}"] <= count <= x[f"U{side}"]]
+            assert check == {"counts": len(certified), "outside": outside}
     # each attacked MAE is that of the attacked counts recorded per image
     for r in results.values():
         for per_target in r["attacked"].values():
@@ -62,7 +70,7 @@ def test_receptive_field_rows_keep_every_attacked_count_inside_their_certificate
                 assert bounds[name][0] <= count <= bounds[name][1], (label, target, name)
             assert r["checked"]["16"][target] == {"counts": 2, "outside": []}
     table = (out / "comparison.md").read_text()
-    assert "0 of 4" in table and "certificates checked: 0 of 8" in capsys.readouterr().out
+    assert "0 of 4" in table and "deterministic certificates: 0 of 8" in capsys.readouterr().out
     # resumed from its args.json: every row reused, the same table
     compare_defenses.main(compare_defenses.get_args_parser().parse_args(["--out", str(out), "--resume"]))
     assert capsys.readouterr().out.count("reusing") == 3 and (out / "comparison.md").read_text() == table
