@@ -1,5 +1,6 @@
-"""Every benchmark of this folder in one run, one JSON: density maps, ablation, attack step, certification overheads
-and per-model throughput at 768×1024 (with, on CUDA, each fast path's speed-up over fp32). `make bench` runs it.
+"""Every benchmark of this folder in one run, one JSON: density maps, ablation, attack step, certification overheads,
+local placement sweeps and per-model throughput at 768×1024 (with, on CUDA, each fast path's speed-up over fp32).
+`make bench` runs it.
 
     python benchmarks/run_all.py [--device cuda] [--out bench.json]
 """
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 
 from utils.io import save_json  # noqa: E402
 
-BENCHMARKS = ("density", "ablation", "attack", "certify", "throughput", "count")
+BENCHMARKS = ("density", "ablation", "attack", "certify", "sweep", "throughput", "count")
 
 
 def run(name: str, device: str) -> dict:
