@@ -96,7 +96,7 @@ class LocalSmoothedCounter:
     each version's count is still the median of `samples` uniform ablations, as independent draws would give. An
     ablation that keeps no unit inside the patch's changed box sees the clean ablated image and keeps its clean
     count; only the others are recomputed, and only where the patch reaches (`LocalCounter`). With the paper's
-    k = 45 of the 2.4 M units of a 768×1024 image, about one ablation in eleven keeps a unit under a 40 px patch and
+    k = 45 of the 2.4 M units of a 768×1024 image, about one ablation in ten keeps a unit under a 40 px patch and
     one in three under an 81 px one, each recomputed on a crop of a twentieth to a fifteenth of the image.
     """
 
