@@ -30,6 +30,17 @@ def changed_box(images: torch.Tensor, patched: torch.Tensor) -> tuple[int, int, 
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+def _remember(images: torch.Tensor, *values) -> tuple | None:
+    """What a clean pass over `images` left for a sweep of them, keyed on the tensor itself and its version (none for
+    inference tensors, which have no version)."""
+    return None if images.is_inference() else (images, images._version, *values)
+
+
+def _recall(memo: tuple | None, images: torch.Tensor) -> tuple | None:
+    """The values `_remember` kept, if they are of these same, unchanged `images`."""
+    return memo[2:] if memo is not None and memo[0] is images and memo[1] == images._version else None
+
+
 class LocalCounter:
     """The counter `post(net(images))` of a network `model` with a bounded receptive field, which evaluates patched
     images locally (`patched_density`). `net` defaults to `model` (e.g. a float32 forward of it instead), `post` to
@@ -47,7 +58,7 @@ class LocalCounter:
         raw = self.net(images)
         # a sweep of these same, unchanged images (same tensor, no in-place change since) starts from it, as
         # `evaluate_patch` counts them clean first with the same weights and precision
-        self._last = None if images.is_inference() else (images, images._version, raw.detach())
+        self._last = _remember(images, raw.detach())
         return self.post(raw)
 
     def _span(self, low: int, high: int, pixels: int, cells: int) -> tuple[int, int, int, int]:
@@ -65,9 +76,8 @@ class LocalCounter:
         k of every image changed inside one box (as a sweep pastes a patch at one position per k), as (N·K, 1, h, w)
         in image-major order, like the density of `patched.flatten(0, 1)`. The clean pass is the one of the last
         call on these same `images`, where there was one."""
-        last = getattr(self, "_last", None)
-        fresh = last is not None and last[0] is images and last[1] == images._version
-        clean = last[2] if fresh else self.net(images)
+        recalled = _recall(getattr(self, "_last", None), images)
+        clean = recalled[0] if recalled else self.net(images)
         return self.post(self.patch_raw(clean, images, patched).flatten(0, 1))
 
     def patch_raw(self, clean: torch.Tensor, images: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
@@ -119,7 +129,7 @@ class LocalSmoothedCounter:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """The smoothed counts of `images` as one-cell densities (N, 1, 1, 1)."""
         draws, raws = self._ablated(images)
-        self._last = None if images.is_inference() else (images, images._version, draws, raws)
+        self._last = _remember(images, draws, raws)
         return torch.stack([raw.float().sum(dim=(1, 2, 3)).quantile(0.5) for raw in raws]).view(-1, 1, 1, 1)
 
     @torch.no_grad()
@@ -127,9 +137,7 @@ class LocalSmoothedCounter:
         """The smoothed counts (N·K, 1, 1, 1) of `patched` (N, K, C, H, W), image-major, each version ablated with
         its image's draws of the last call on these same `images` (fresh draws where there was none)."""
         n, k, _, h, w = patched.shape
-        last = getattr(self, "_last", None)
-        fresh = last is not None and last[0] is images and last[1] == images._version
-        draws, raws = last[2:] if fresh else self._ablated(images)
+        draws, raws = _recall(getattr(self, "_last", None), images) or self._ablated(images)
         counts = []
         for i in range(n):
             clean_counts = raws[i].float().sum(dim=(1, 2, 3))
