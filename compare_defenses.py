@@ -194,11 +194,7 @@ def _architecture(weights: str | Path, default: str) -> str:
 
 def _build(weights: str | Path, default: str):
     """The model a weight file holds, built with the options its checkpoint records."""
-    path = releases.resolve(weights)
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        return build(default, path)
-    state = load_checkpoint(path)
-    return build(state.get("model") or default, path, **state.get("model_kwargs", {}))
+    return build(_architecture(weights, default), weights)
 
 
 def _check_architectures(args: argparse.Namespace) -> None:

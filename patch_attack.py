@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from datasets.crowd import CrowdDataset
-from models import DISPLAY_NAMES, MODEL_NAMES, build, load_weights
+from models import DISPLAY_NAMES, MODEL_NAMES, build
 from models.receptive_field import receptive_field
 from models.weights import WrongModel
 from utils import cli, runs
@@ -198,7 +198,7 @@ def main(args: argparse.Namespace) -> dict:
         spec.check_fits(train_set.smallest_side(), "the smallest training image or crop")
 
     args.weights = args.weights or synthetic_victim(args.model, device, seed=args.seed)
-    load_weights(model, args.weights)
+    model = build(args.model, args.weights)  # with a checkpoint's own build options (SmallField's width)
     model = prepare_model(model.requires_grad_(False), device).eval()
     placement = args.eval_placement or spec.placement
     sweep = placement == "sweep"  # each placement evaluated where the patch reaches (`utils.local_eval`)

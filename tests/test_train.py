@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import train
+from models import build
 from utils import runtime
+from utils.errors import ToolkitError
 from utils.io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +79,18 @@ def test_the_count_loss_is_recorded_and_changes_training(tiny_crowds, tmp_path):
     assert json.loads((tmp_path / "count" / "args.json").read_text())["count_loss"] == 0.5
     assert float(_log(tmp_path / "count")[0]["loss"]) > float(_log(tmp_path / "plain")[0]["loss"])
     assert plain["mae"] != counted["mae"]
+
+
+def test_width_is_recorded_and_its_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
+    argv = _argv(tiny_crowds, tmp_path / "w8", "--epochs", "1", "--width", "8")
+    train.main(train.get_args_parser().parse_args([*argv[:1], "smallfield", *argv[2:]]))
+    assert json.loads((tmp_path / "w8" / "args.json").read_text())["width"] == 8
+    assert load_checkpoint(tmp_path / "w8" / "best.pt")["model_kwargs"] == {"width": 8}
+    model = build("smallfield", tmp_path / "w8" / "best.pt")  # no width given: the checkpoint's own
+    assert model.net.features[0][0].out_channels == 8
+    with pytest.raises(ToolkitError, match="mcnn has no option width"):
+        train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "bad", "--width", "8")))
+    assert not (tmp_path / "bad").exists()
 
 
 def _weights(out: Path) -> dict:

@@ -52,9 +52,10 @@ def test_own_checkpoint_round_trip(tmp_path, name, kwargs):
     torch.save(ckpt, tmp_path / "last.pt")
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["model"] == name and saved["model_kwargs"] == model.model_kwargs
-    again = build(saved["model"], weights=tmp_path / "last.pt", **saved["model_kwargs"])
-    assert same_state(again.net.state_dict(), model.net.state_dict())
-    assert (again.stride, again.model_kwargs) == (model.stride, model.model_kwargs)
+    for again in (build(saved["model"], weights=tmp_path / "last.pt", **saved["model_kwargs"]),
+                  build(saved["model"], weights=tmp_path / "last.pt")):  # the options read from the checkpoint
+        assert same_state(again.net.state_dict(), model.net.state_dict())
+        assert (again.stride, again.model_kwargs) == (model.stride, model.model_kwargs)
     fresh = build(name, **saved["model_kwargs"])
     load_state(fresh, saved, "last.pt")  # content already read, as the run-checkpoint code does
     assert same_state(fresh.net.state_dict(), model.net.state_dict())

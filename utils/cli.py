@@ -324,7 +324,8 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
     if train_root is None or test_root is None:
         raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
     device = pick_device(args.device)
-    model = build(args.model, args.weights, seed=args.seed)
+    options = {"width": args.width} if getattr(args, "width", None) else {}  # train.py --width
+    model = build(args.model, args.weights, seed=args.seed, **options)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase)
     val_set = None
