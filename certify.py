@@ -86,8 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="rf-clip: dmax is this quantile of the clean output cells of the calibration split")
     group.add_argument("--refill", choices=REFILLS, default=REFILLS[0],
                        help="rf-mask's count per side, a·(count outside the densest window) + c: constant (a = 1, c "
-                            "the mean densest-window sum) or fitted (a ≥ 0 and c minimising the calibration split's "
-                            "summed certified error); with --calibration, the file's")
+                            "the mean densest-window sum), fitted (a ≥ 0 and c minimising the calibration split's "
+                            "summed certified error), or validated: per side the one of the two that certifies the "
+                            "split's held-out tenth (--seed's: a training run's validation part) better when measured "
+                            "on the rest; with --calibration, the file's")
     group.add_argument("--figures", type=cli.non_negative_int, default=4,
                        help="rf-clip / rf-mask: figures of the first N images marking the windows where a patch of "
                             "the largest side hides and adds the most people")
@@ -222,7 +224,10 @@ def main(args: argparse.Namespace) -> dict:
         counter = RFClipCertifier if args.method == "rf-clip" else RFMaskCertifier
         calibration = source if isinstance(source, Calibration) else calibrate(
             model, source, rf, sorted({counter.covered_side(spec) for spec in specs.values()}), device,
-            args.dmax_quantile, args.amp, refill=args.refill)
+            args.dmax_quantile, args.amp, refill=args.refill, seed=args.seed)
+        for side, choice in calibration.validation.items():
+            print(f"refill for {side} px chosen on {choice['held_out_images']} held-out images: {choice['chosen']} "
+                  f"(their tight-MAE: constant {choice['constant']:.2f}, fitted {choice['fitted']:.2f})")
         certifier = counter(rf, calibration)
         calibration.save(out / "calibration.json")
 

@@ -156,7 +156,7 @@ class CrowdDataset(Dataset):
         """(training part, validation part): a `share` of the images (at least one) drawn by `seed`, each part keeping
         the split's image order; the validation part is whole images with no erasing, as a test split is scored."""
         n = len(self)
-        held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(1, round(share * n))].tolist())
+        held = held_out(n, share, seed)
         if len(held) == n:
             raise ToolkitError(f"a validation share of {share:g} of the {n} images of {self.root} leaves none to "
                                "train on: lower --val, or 0 for no validation part")
@@ -205,6 +205,15 @@ def _scaled_to(density: np.ndarray, heads: int, path: Path) -> np.ndarray:
     if not np.isfinite(total) or total < 0 or (total == 0 and heads > 0):
         raise ToolkitError(f"{path}: the density sums to {total:g} but the image has {heads} annotated heads")
     return density if total == 0 else (density * (heads / total)).astype(np.float32)
+
+
+VALIDATION_SHARE = 0.1  # the share of a train split held out to choose checkpoints and constants (--val)
+
+
+def held_out(n: int, share: float, seed: int) -> set[int]:
+    """The indices of the validation part of a split of `n` images: a `share` of them (at least one) drawn by `seed`
+    (`CrowdDataset.holdout`, and the rf-mask refill's choice on a calibration split)."""
+    return set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(1, round(share * n))].tolist())
 
 
 def same_size_batches(sizes: list[tuple[int, int]], batch_size: int, shuffle: bool = False,

@@ -74,8 +74,10 @@ def calibration(found: Release) -> Path:
 
 def publish(name: str, checkpoint: str | Path, calibration_file: str | Path) -> Release:
     """Write a release: the weights of a run checkpoint (model, build kwargs and state dict only: no optimiser, no
-    history) and its calibration into `WEIGHTS_DIR`, their digests into the manifest (replacing a release of that
-    name). From a shell: `python -c "from models.releases import publish; publish(NAME, CHECKPOINT, CALIBRATION)"`."""
+    history) and its calibration into `WEIGHTS_DIR`, their digests into the manifest, replacing a release of that
+    name and the figures recorded for it (`mini`, `test`: record them again). The weights file is rewritten only if
+    its tensors differ, so a new calibration keeps the weights' digest. From a shell:
+    `python -c "from models.releases import publish; publish(NAME, CHECKPOINT, CALIBRATION)"`."""
     import shutil
 
     import torch
@@ -85,9 +87,11 @@ def publish(name: str, checkpoint: str | Path, calibration_file: str | Path) -> 
     from utils.io import atomic_write, load_checkpoint, save_json
 
     state = load_checkpoint(checkpoint)
-    model = build(state["model"], checkpoint, **state.get("model_kwargs", {}))
+    model = build(state["model"], checkpoint)
     weights, calibration_copy = WEIGHTS_DIR / f"{name}.pt", WEIGHTS_DIR / f"{name}.calibration.json"
-    atomic_write(weights, lambda tmp: torch.save(checkpoint_state(model), tmp))
+    state_now = checkpoint_state(model)
+    if not _holds(weights, state_now):  # a new calibration of the same weights keeps the file and its digest
+        atomic_write(weights, lambda tmp: torch.save(state_now, tmp))
     atomic_write(calibration_copy, lambda tmp: shutil.copyfile(calibration_file, tmp))
     entries = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
     entries[name] = {"model": state["model"], "weights": weights.name, "weights_sha256": sha256(weights),
@@ -95,3 +99,17 @@ def publish(name: str, checkpoint: str | Path, calibration_file: str | Path) -> 
     save_json(MANIFEST, dict(sorted(entries.items())))
     return releases()[name]
 
+
+
+def _holds(path: Path, state: dict) -> bool:
+    """Whether the weights file `path` exists and holds exactly `state` (model, options and tensors)."""
+    import torch
+
+    from utils.io import torch_load
+
+    if not path.is_file():
+        return False
+    old = torch_load(path, "weights file")
+    return (old.get("model"), old.get("model_kwargs")) == (state["model"], state["model_kwargs"]) and \
+        old["state_dict"].keys() == state["state_dict"].keys() and \
+        all(torch.equal(old["state_dict"][k], v) for k, v in state["state_dict"].items())

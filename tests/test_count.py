@@ -149,3 +149,14 @@ def test_a_release_file_with_a_wrong_digest_is_refused(release, tiny_crowds, cli
         f.write(b"\0")
     code, lines = cli_error(count, [image, "--weights", "tiny-sf"])
     assert code == 2 and len(lines) == 1 and "does not match the SHA-256 digest" in lines[0]
+
+
+def test_a_new_calibration_of_a_release_keeps_its_weights_file(release, tmp_path):
+    before = release.weights.stat().st_mtime_ns
+    calibration = json.loads(release.calibration.read_text())
+    calibration |= {"refill": "fitted", "slope": {side: 1.1 for side in calibration["c"]}}
+    (tmp_path / "fitted.json").write_text(json.dumps(calibration))
+    again = releases.publish("tiny-sf", release.weights, tmp_path / "fitted.json")  # from the released file itself
+    assert again.weights_sha256 == release.weights_sha256 and release.weights.stat().st_mtime_ns == before
+    assert again.calibration_sha256 != release.calibration_sha256
+    assert json.loads(again.calibration.read_text())["refill"] == "fitted"

@@ -159,13 +159,42 @@ def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
                          ({"c": {"10": "2.5", "20": 1.0}}, "c of side 10 must be a finite number"),
                          ({"dmax": True}, "dmax must be a finite number"), ({"dmax": -1.0}, "dmax must be positive"),
                          ({"quantile": 5}, "the quantile in"), ({"refill": "bogus"}, "unknown refill"),
-                         ({"slope": {"10": 1.0}}, "a slope for every side")):
+                         ({"slope": {"10": 1.0}}, "a slope for every side"),
+                         ({"slope": {"10": 1.0, "20": 1.0, "30": 1.0}}, "a slope for a side with no intercept")):
         (tmp_path / "bad.json").write_text(json.dumps({**saved, **bad}))
         with pytest.raises(ToolkitError, match=message):
             Calibration.load(tmp_path / "bad.json")
     old = {k: v for k, v in saved.items() if k not in ("slope", "refill")}  # a calibration from before the refill
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert RFMaskCertifier(rf, Calibration.load(tmp_path / "old.json"))._refill(10) == (1.0, calibration.c[10])
+
+
+def test_the_validated_refill_picks_per_side_what_certifies_the_held_out_images_better(tiny_crowds, tmp_path):
+    """Against an independent route: each refill calibrated on the training part alone, the held-out images certified
+    by the certifier itself; the choice is the lower tight-MAE, and the constants are then those of the whole split."""
+    from datasets.crowd import CrowdDataset
+
+    model, cpu, sides = build("mcnn", seed=1).eval(), torch.device("cpu"), [10, 20]
+    rf = receptive_field(model)
+    split = CrowdDataset.for_model(tiny_crowds / "train_data", model)
+    validated = calibrate(model, split, rf, sides, cpu, amp=False, refill="validated", seed=3)
+    assert Calibration.load(validated.save(tmp_path / "validated.json")) == validated
+    whole = {refill: calibrate(model, split, rf, sides, cpu, amp=False, refill=refill)
+             for refill in ("constant", "fitted")}
+    training, held = split.holdout(0.1, 3)
+    images = torch.stack([held[i][0] for i in range(len(held))])
+    gt = np.array([held[i][2] for i in range(len(held))])
+    for s in sides:
+        errors = {}
+        for refill in ("constant", "fitted"):
+            rows = RFMaskCertifier(rf, calibrate(model, training, rf, [s], cpu, amp=False, refill=refill)
+                                   ).certify_batch(model, images, [s])
+            errors[refill] = np.mean([max(abs(r[f"L{s}"] - g), abs(r[f"U{s}"] - g)) for r, g in zip(rows, gt)])
+            assert validated.validation[s][refill] == pytest.approx(errors[refill], rel=1e-3)
+        chosen = min(errors, key=errors.get)
+        assert validated.validation[s]["chosen"] == chosen and validated.validation[s]["held_out_images"] == len(held)
+        assert (validated.c[s], validated.slope.get(s)) == pytest.approx((whole[chosen].c[s],
+                                                                          whole[chosen].slope.get(s)))
 
 
 def _certified_error(a: float, c: float, low, high, gt) -> float:

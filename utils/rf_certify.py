@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.crowd import CrowdDataset, EqualSizeBatches
+from datasets.crowd import VALIDATION_SHARE, CrowdDataset, EqualSizeBatches, held_out
 from models.receptive_field import ReceptiveField
 from utils import distributed
 from utils.certify import Certifier, require_eval
@@ -44,7 +44,8 @@ from utils.local_eval import LocalCounter
 from utils.runtime import autocast, float32, progress
 
 DMAX_QUANTILE = 0.999
-REFILLS = ("constant", "fitted")  # rf-mask's (a, c): a = 1 and a mean (default), or fitted on the split
+REFILLS = ("constant", "fitted", "validated")  # rf-mask's (a, c): a = 1 and a mean (default), fitted on the split,
+# or per side whichever of the two certifies the split's held-out tenth better
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
 
 
@@ -66,7 +67,8 @@ def window_sums(density: torch.Tensor, w: int, integral: torch.Tensor | None = N
 class Calibration:
     """Constants of the receptive-field counters, measured on a train split: `dmax` (rf-clip's clip, the
     `quantile` of the clean cells) and, per certified side, rf-mask's intercept `c` and `slope` a (M = a·u + c;
-    a side absent from `slope` has a = 1), with the `refill` rule that chose them."""
+    a side absent from `slope` has a = 1), with the `refill` rule that chose them (`validation`: how `validated`
+    chose)."""
 
     dmax: float
     c: dict[int, float]
@@ -76,6 +78,7 @@ class Calibration:
     receptive_field: dict = field(default_factory=dict)
     slope: dict[int, float] = field(default_factory=dict)
     refill: str = "constant"
+    validation: dict = field(default_factory=dict)  # `validated`: per side the held-out errors and the choice
 
     def save(self, path: Path) -> Path:
         return save_json(path, {**asdict(self), "c": {str(s): v for s, v in self.c.items()},
@@ -89,7 +92,8 @@ class Calibration:
                         for key in ("c", "slope")}
             calibration = cls(_number(d["dmax"], "dmax"), per_side["c"], _number(d["quantile"], "quantile"),
                               str(d.get("split", "")), int(d.get("images", 0)), d.get("receptive_field", {}),
-                              per_side["slope"], d.get("refill", "constant"))
+                              per_side["slope"], d.get("refill", "constant"),
+                              {int(s): v for s, v in d.get("validation", {}).items()})
             calibration.check()
             return calibration
         except FileNotFoundError:
@@ -105,6 +109,9 @@ class Calibration:
             raise ValueError(f"unknown refill {self.refill!r}")
         if any(a < 0 for a in self.slope.values()):
             raise ValueError(f"a negative rf-mask slope {self.slope} (the certificate needs a ≥ 0)")
+        if not set(self.slope) <= set(self.c):
+            raise ValueError(f"a slope for a side with no intercept: c has {sorted(self.c)}, slope "
+                             f"{sorted(self.slope)}")
         if self.refill == "fitted" and set(self.slope) != set(self.c):
             raise ValueError(f"a fitted refill needs a slope for every side: c has {sorted(self.c)}, slope "
                              f"{sorted(self.slope)}")
@@ -132,39 +139,60 @@ def load_calibration(path: Path, rf: ReceptiveField) -> Calibration:
 @torch.no_grad()
 def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int], device: torch.device,
               quantile: float = DMAX_QUANTILE, amp: bool = True, batch_size: int = 4,
-              refill: str = "constant") -> Calibration:
+              refill: str = "constant", seed: int = 0) -> Calibration:
     """dmax and rf-mask's (a, c) of `model` on the whole images of `dataset` (a train split), for patches of each of
-    `sides`; `refill`: `constant` (a = 1, c the mean largest window sum) or `fitted` (`fit_refill`)."""
+    `sides`; `refill`: `constant` (a = 1, c the mean largest window sum), `fitted` (`fit_refill`) or `validated`:
+    per side, each of the two measured on the rest of the split and scored by the mean certified error on its
+    held-out part (`held_out(n, VALIDATION_SHARE, seed)`: the validation part a training run with that seed held
+    out), the better one then measured on the whole split."""
     if len(dataset) == 0:
         raise ToolkitError(f"the calibration split {dataset.root} holds no images")
     if not 0 < quantile <= 1:
         raise ToolkitError(f"the clip quantile must lie in (0, 1], got {quantile}")
     if refill not in REFILLS:
         raise ToolkitError(f"unknown refill {refill!r}; choose from {', '.join(REFILLS)}")
-    cells, rows = [], []  # rows: per image (gt, T, then max and min S_w per side)
-    for _, (images, _, counts) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
+    if refill == "validated" and len(dataset) < 2:
+        raise ToolkitError(f"--refill validated holds out part of the calibration split: {dataset.root} has one image")
+    cells, rows = [], []  # rows: per image (index, gt, T, then max and min S_w per side)
+    for indices, (images, _, counts) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
         with autocast(device, amp):
             density = model(images.to(device)).float().clamp_min(0)
         cells.append(density.flatten().cpu().numpy())
-        columns = [counts.double().to(device), density.double().sum((1, 2, 3))]
+        columns = [torch.tensor(indices, dtype=torch.float64, device=device), counts.double().to(device),
+                   density.double().sum((1, 2, 3))]
         for s in sides:
             sums = window_sums(density, rf.window(s)).flatten(1)
             columns += [sums.amax(1), sums.amin(1)]
         rows += torch.stack(columns, 1).cpu().tolist()
     cells = distributed.gather(cells)  # under torchrun each rank saw its share of the images
-    rows = np.array(sorted(distributed.gather(rows)))  # sorted: any order of the images gives the same constants
+    rows = np.array(sorted(distributed.gather(rows)))  # by image: any order of the batches gives the same constants
     dmax = float(np.quantile(np.concatenate(cells), quantile))
     if not dmax > 0:
         raise ToolkitError(f"the model predicts no density on {dataset.root}: nothing to calibrate the clip on")
-    gt, total = rows[:, 0], rows[:, 1]
-    c, slope = {}, {}
+    gt, total = rows[:, 1], rows[:, 2]
+    held = np.isin(rows[:, 0], list(held_out(len(dataset), VALIDATION_SHARE, seed)))
+    c, slope, validation = {}, {}, {}
     for k, s in enumerate(sides):
-        largest, smallest = rows[:, 2 + 2 * k], rows[:, 3 + 2 * k]
-        if refill == "constant":
+        largest, smallest = rows[:, 3 + 2 * k], rows[:, 4 + 2 * k]
+        low, high = total - 2 * largest, total - smallest
+        chosen = refill
+        if refill == "validated":
+            rest = ~held
+            errors = {"constant": certified_error(low[held], high[held], gt[held], 1.0, float(np.mean(largest[rest]))),
+                      "fitted": certified_error(low[held], high[held], gt[held], *fit_refill(low[rest], high[rest],
+                                                                                              gt[rest]))}
+            chosen = min(errors, key=errors.get)
+            validation[s] = {**errors, "chosen": chosen, "held_out_images": int(held.sum())}
+        if chosen == "constant":
             c[s] = float(np.mean(largest))
         else:
-            slope[s], c[s] = fit_refill(total - 2 * largest, total - smallest, gt)
-    return Calibration(dmax, c, quantile, str(dataset.root), len(dataset), asdict(rf), slope, refill)
+            slope[s], c[s] = fit_refill(low, high, gt)
+    return Calibration(dmax, c, quantile, str(dataset.root), len(dataset), asdict(rf), slope, refill, validation)
+
+
+def certified_error(low: np.ndarray, high: np.ndarray, gt: np.ndarray, a: float, c: float) -> float:
+    """The mean over images of max(|a·low + c − gt|, |a·high + c − gt|): rf-mask's tight-MAE with refill (a, c)."""
+    return float(np.mean(np.maximum(np.abs(a * low + c - gt), np.abs(a * high + c - gt))))
 
 
 def fit_refill(low: np.ndarray, high: np.ndarray, gt: np.ndarray) -> tuple[float, float]:

@@ -12,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from datasets.crowd import CrowdDataset
+from datasets.crowd import VALIDATION_SHARE, CrowdDataset
 from models.weights import load_state
 from utils import distributed
 from utils.engine import evaluate, load_run_checkpoint, save_run_checkpoint, train_one_epoch
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # train.py's defaults: MCNN on the synthetic crowds reaches ~0.2x the mean-count baseline MAE in ~3 CPU minutes
 DEFAULTS = {"epochs": 40, "batch_size": 4, "crop": 128, "lr": 1e-3}
-VALIDATION = 0.1  # the share of a train split held out to choose the checkpoint (--val)
+VALIDATION = VALIDATION_SHARE  # the share of a train split held out to choose the checkpoint (--val)
 
 
 class Recipe:
