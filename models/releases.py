@@ -100,7 +100,6 @@ def publish(name: str, checkpoint: str | Path, calibration_file: str | Path) -> 
     return releases()[name]
 
 
-
 def _holds(path: Path, state: dict) -> bool:
     """Whether the weights file `path` exists and holds exactly `state` (model, options and tensors)."""
     import torch

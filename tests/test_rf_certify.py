@@ -189,7 +189,8 @@ def test_the_validated_refill_picks_per_side_what_certifies_the_held_out_images_
         for refill in ("constant", "fitted"):
             rows = RFMaskCertifier(rf, calibrate(model, training, rf, [s], cpu, amp=False, refill=refill)
                                    ).certify_batch(model, images, [s])
-            errors[refill] = np.mean([max(abs(r[f"L{s}"] - g), abs(r[f"U{s}"] - g)) for r, g in zip(rows, gt)])
+            errors[refill] = np.mean([max(abs(r[f"L{s}"] - g), abs(r[f"U{s}"] - g))
+                                      for r, g in zip(rows, gt, strict=True)])
             assert validated.validation[s][refill] == pytest.approx(errors[refill], rel=1e-3)
         chosen = min(errors, key=errors.get)
         assert validated.validation[s]["chosen"] == chosen and validated.validation[s]["held_out_images"] == len(held)

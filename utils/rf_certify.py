@@ -15,7 +15,8 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
 Both hold for every placement and every patch content, with no probability of failure. dmax (a high quantile of the
 cells) and a, c come from a train split (`calibrate`): the `constant` refill is a = 1 with c the mean of max S_w; the
 `fitted` one is the (a ≥ 0, c) minimising the sum over the train images of the certified error
-max(|L − gt|, |U − gt|), a linear programme (`fit_refill`), which also undoes a uniform under- or overcount.
+max(|L − gt|, |U − gt|), a linear programme (`fit_refill`), which also undoes a uniform under- or overcount; the
+`validated` one takes per side whichever of the two certifies the split's held-out tenth better.
 
 The side s certified is the patch's extent (`PatchSpec.extent_side`): every pixel the toolkit's patch can change, under
 every rotation, scale, sub-pixel placement and its bilinear rim, lies in one axis-aligned s×s square. The certified
