@@ -87,9 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--refill", choices=REFILLS, default=REFILLS[0],
                        help="rf-mask's count per side, a·(count outside the densest window) + c: constant (a = 1, c "
                             "the mean densest-window sum), fitted (a ≥ 0 and c minimising the calibration split's "
-                            "summed certified error), or validated: per side the one of the two that certifies the "
-                            "split's held-out tenth (--seed's: a training run's validation part) better when measured "
-                            "on the rest; with --calibration, the file's")
+                            "summed certified error), or validated: per side the one of the two that, measured on the "
+                            "rest of the split, certifies its held-out tenth better (the tenth a training run with "
+                            "this --seed and --val 0.1 held out); with --calibration, the file's")
     group.add_argument("--figures", type=cli.non_negative_int, default=4,
                        help="rf-clip / rf-mask: figures of the first N images marking the windows where a patch of "
                             "the largest side hides and adds the most people")

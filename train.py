@@ -17,8 +17,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     group = cli.add_model_args(parser, omitted="training starts from a random initialisation")
     group.add_argument("--width", type=cli.positive_int,
-                       help="SmallField's width, the channels of its first layer (default 24; a checkpoint given to "
-                            "--weights keeps its own)")
+                       help="SmallField's width, the channels of its first layer, for a model trained from scratch "
+                            "(default 24; weights given to --weights keep their own)")
     cli.add_data_args(parser)
     group = cli.add_training_args(parser, DEFAULTS)
     group.add_argument("--erase", type=float, default=0.0,

@@ -18,6 +18,7 @@ from utils.errors import ToolkitError
 from utils.runtime import derived_generator
 
 DENSITY_SOURCES = ("adaptive", "fixed", "h5")
+VALIDATION_SHARE = 0.1  # the share of a train split held out to choose checkpoints and constants (--val)
 
 
 def largest_crop(images: list[Path], size_multiple: int) -> int:
@@ -205,9 +206,6 @@ def _scaled_to(density: np.ndarray, heads: int, path: Path) -> np.ndarray:
     if not np.isfinite(total) or total < 0 or (total == 0 and heads > 0):
         raise ToolkitError(f"{path}: the density sums to {total:g} but the image has {heads} annotated heads")
     return density if total == 0 else (density * (heads / total)).astype(np.float32)
-
-
-VALIDATION_SHARE = 0.1  # the share of a train split held out to choose checkpoints and constants (--val)
 
 
 def held_out(n: int, share: float, seed: int) -> set[int]:

@@ -106,9 +106,12 @@ def _holds(path: Path, state: dict) -> bool:
 
     from utils.io import torch_load
 
-    if not path.is_file():
+    try:
+        old = torch_load(path, "weights file") if path.is_file() else None
+    except ToolkitError:  # unreadable: rewritten
         return False
-    old = torch_load(path, "weights file")
+    if not isinstance(old, dict) or not isinstance(old.get("state_dict"), dict):
+        return False
     return (old.get("model"), old.get("model_kwargs")) == (state["model"], state["model_kwargs"]) and \
         old["state_dict"].keys() == state["state_dict"].keys() and \
         all(torch.equal(old["state_dict"][k], v) for k, v in state["state_dict"].items())

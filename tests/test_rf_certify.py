@@ -196,6 +196,13 @@ def test_the_validated_refill_picks_per_side_what_certifies_the_held_out_images_
         assert validated.validation[s]["chosen"] == chosen and validated.validation[s]["held_out_images"] == len(held)
         assert (validated.c[s], validated.slope.get(s)) == pytest.approx((whole[chosen].c[s],
                                                                           whole[chosen].slope.get(s)))
+    assert validated.held_out == held.names
+    saved = json.loads((tmp_path / "validated.json").read_text())
+    for bad in ({"validation": {**saved["validation"], "10": {**saved["validation"]["10"], "chosen": "neither"}}},
+                {"validation": {"10": saved["validation"]["10"]}}, {"refill": "constant"}):
+        (tmp_path / "bad.json").write_text(json.dumps({**saved, **bad}))
+        with pytest.raises(ToolkitError, match="validated"):
+            Calibration.load(tmp_path / "bad.json")
 
 
 def _certified_error(a: float, c: float, low, high, gt) -> float:

@@ -91,6 +91,10 @@ def test_width_is_recorded_and_its_checkpoints_rebuild_themselves(tiny_crowds, t
     with pytest.raises(ToolkitError, match="mcnn has no option width"):
         train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "bad", "--width", "8")))
     assert not (tmp_path / "bad").exists()
+    again = _argv(tiny_crowds, tmp_path / "again", "--width", "8", "--weights", str(tmp_path / "w8" / "best.pt"))
+    with pytest.raises(ToolkitError, match="keep the width they were trained with"):
+        train.main(train.get_args_parser().parse_args([*again[:1], "smallfield", *again[2:]]))
+    assert not (tmp_path / "again").exists()
 
 
 def _weights(out: Path) -> dict:

@@ -325,6 +325,9 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
         raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
     device = pick_device(args.device)
     options = {"width": args.width} if getattr(args, "width", None) else {}  # train.py --width
+    if options and args.weights is not None:
+        raise ToolkitError("--width builds a new SmallField: weights given to --weights keep the width they were "
+                           "trained with, so leave --width out")
     model = build(args.model, args.weights, seed=args.seed, **options)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase)

@@ -45,8 +45,9 @@ from utils.local_eval import LocalCounter
 from utils.runtime import autocast, float32, progress
 
 DMAX_QUANTILE = 0.999
-REFILLS = ("constant", "fitted", "validated")  # rf-mask's (a, c): a = 1 and a mean (default), fitted on the split,
-# or per side whichever of the two certifies the split's held-out tenth better
+# rf-mask's (a, c): a = 1 and a mean (default), fitted on the split, or per side whichever of the two certifies the
+# split's held-out tenth better
+REFILLS = ("constant", "fitted", "validated")
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
 
 
@@ -80,6 +81,7 @@ class Calibration:
     slope: dict[int, float] = field(default_factory=dict)
     refill: str = "constant"
     validation: dict = field(default_factory=dict)  # `validated`: per side the held-out errors and the choice
+    held_out: list[str] = field(default_factory=list)  # `validated`: the images it chose on
 
     def save(self, path: Path) -> Path:
         return save_json(path, {**asdict(self), "c": {str(s): v for s, v in self.c.items()},
@@ -94,7 +96,8 @@ class Calibration:
             calibration = cls(_number(d["dmax"], "dmax"), per_side["c"], _number(d["quantile"], "quantile"),
                               str(d.get("split", "")), int(d.get("images", 0)), d.get("receptive_field", {}),
                               per_side["slope"], d.get("refill", "constant"),
-                              {int(s): v for s, v in d.get("validation", {}).items()})
+                              {int(s): v for s, v in d.get("validation", {}).items()},
+                              [str(name) for name in d.get("held_out", [])])
             calibration.check()
             return calibration
         except FileNotFoundError:
@@ -113,6 +116,16 @@ class Calibration:
         if not set(self.slope) <= set(self.c):
             raise ValueError(f"a slope for a side with no intercept: c has {sorted(self.c)}, slope "
                              f"{sorted(self.slope)}")
+        if self.refill == "validated":
+            for s, choice in self.validation.items():
+                if choice.get("chosen") != ("fitted" if s in self.slope else "constant") or not {
+                        "constant", "fitted", "held_out_images"} <= set(choice):
+                    raise ValueError(f"the validated refill's record of side {s} does not match its constants")
+            if set(self.validation) != set(self.c):
+                raise ValueError(f"a validated refill needs a record for every side: c has {sorted(self.c)}, "
+                                 f"validation {sorted(self.validation)}")
+        elif self.validation:
+            raise ValueError(f"a record of a validated choice in a {self.refill} refill")
         if self.refill == "fitted" and set(self.slope) != set(self.c):
             raise ValueError(f"a fitted refill needs a slope for every side: c has {sorted(self.c)}, slope "
                              f"{sorted(self.slope)}")
@@ -145,7 +158,9 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
     `sides`; `refill`: `constant` (a = 1, c the mean largest window sum), `fitted` (`fit_refill`) or `validated`:
     per side, each of the two measured on the rest of the split and scored by the mean certified error on its
     held-out part (`held_out(n, VALIDATION_SHARE, seed)`: the validation part a training run with that seed held
-    out), the better one then measured on the whole split."""
+    out; the constant one wins a tie), the better one then measured on the whole split. That tenth is a training run's
+    validation part only if the run trained on this same split with `--val 0.1` and that seed: the names are
+    recorded (`held_out`) to check it against the run's args.json."""
     if len(dataset) == 0:
         raise ToolkitError(f"the calibration split {dataset.root} holds no images")
     if not 0 < quantile <= 1:
@@ -171,7 +186,8 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
     if not dmax > 0:
         raise ToolkitError(f"the model predicts no density on {dataset.root}: nothing to calibrate the clip on")
     gt, total = rows[:, 1], rows[:, 2]
-    held = np.isin(rows[:, 0], list(held_out(len(dataset), VALIDATION_SHARE, seed)))
+    held_indices = sorted(held_out(len(dataset), VALIDATION_SHARE, seed)) if refill == "validated" else []
+    held = np.isin(rows[:, 0], held_indices)
     c, slope, validation = {}, {}, {}
     for k, s in enumerate(sides):
         largest, smallest = rows[:, 3 + 2 * k], rows[:, 4 + 2 * k]
@@ -188,7 +204,8 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
             c[s] = float(np.mean(largest))
         else:
             slope[s], c[s] = fit_refill(low, high, gt)
-    return Calibration(dmax, c, quantile, str(dataset.root), len(dataset), asdict(rf), slope, refill, validation)
+    return Calibration(dmax, c, quantile, str(dataset.root), len(dataset), asdict(rf), slope, refill, validation,
+                       [dataset.names[i] for i in held_indices])
 
 
 def certified_error(low: np.ndarray, high: np.ndarray, gt: np.ndarray, a: float, c: float) -> float:
