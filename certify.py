@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> dict:
             model, source, rf, sorted({counter.covered_side(spec) for spec in specs.values()}), device,
             args.dmax_quantile, args.amp, refill=args.refill, seed=args.seed)
         for side, choice in calibration.validation.items():
-            print(f"refill for {side} px chosen on {choice['held_out_images']} held-out images: {choice['chosen']} "
+            print(f"refill for {side} px chosen on {len(calibration.held_out)} held-out images: {choice['chosen']} "
                   f"(their tight-MAE: constant {choice['constant']:.2f}, fitted {choice['fitted']:.2f})")
         certifier = counter(rf, calibration)
         calibration.save(out / "calibration.json")

@@ -117,13 +117,13 @@ class Calibration:
             raise ValueError(f"a slope for a side with no intercept: c has {sorted(self.c)}, slope "
                              f"{sorted(self.slope)}")
         if self.refill == "validated":
-            for s, choice in self.validation.items():
-                if choice.get("chosen") != ("fitted" if s in self.slope else "constant") or not {
-                        "constant", "fitted", "held_out_images"} <= set(choice):
-                    raise ValueError(f"the validated refill's record of side {s} does not match its constants")
             if set(self.validation) != set(self.c):
                 raise ValueError(f"a validated refill needs a record for every side: c has {sorted(self.c)}, "
                                  f"validation {sorted(self.validation)}")
+            for s, record in self.validation.items():
+                expected = "fitted" if s in self.slope else "constant"
+                if record.get("chosen") != expected or not {"constant", "fitted"} <= set(record):
+                    raise ValueError(f"the validated refill's record of side {s} does not match its constants")
         elif self.validation:
             raise ValueError(f"a record of a validated choice in a {self.refill} refill")
         if self.refill == "fitted" and set(self.slope) != set(self.c):
@@ -199,7 +199,7 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
                       "fitted": certified_error(low[held], high[held], gt[held], *fit_refill(low[rest], high[rest],
                                                                                               gt[rest]))}
             chosen = min(errors, key=errors.get)
-            validation[s] = {**errors, "chosen": chosen, "held_out_images": int(held.sum())}
+            validation[s] = {**errors, "chosen": chosen}
         if chosen == "constant":
             c[s] = float(np.mean(largest))
         else:
