@@ -19,11 +19,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--width", type=cli.positive_int,
                        help="SmallField's width, the channels of its first layer, for a model trained from scratch "
                             "(default 24; weights given to --weights keep their own)")
+    group.add_argument("--blocks", type=cli.positive_int,
+                       help="SmallField's 3x3 residual blocks at stride 4, for a model trained from scratch: each one "
+                            "beyond the first (the default) widens the receptive field by 16 px, from 33")
     cli.add_data_args(parser)
     group = cli.add_training_args(parser, DEFAULTS)
     group.add_argument("--erase", type=float, default=0.0,
                        help="probability, per training crop, of replacing a random rectangle by noise "
                             "(its heads removed from the target)")
+    group.add_argument("--dense-crops", type=cli.unit_interval, default=0.0,
+                       help="probability, per training crop, of drawing it around a head instead of uniformly "
+                            "(more crops of dense scenes)")
     group.add_argument("--count-loss", type=cli.non_negative_float, default=0.0,
                        help="weight of each crop's absolute count error added to the density MSE (0: plain MSE)")
     cli.add_run_args(parser)
@@ -31,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    out, device, model, train_set, val_set, test_set = cli.training_setup(args, "train", erase=args.erase)
+    out, device, model, train_set, val_set, test_set = cli.training_setup(args, "train", erase=args.erase,
+                                                                           dense=args.dense_crops)
     summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
                   resume=args.resume, record=runs.settings(args), recipe=Recipe(args.count_loss), seed=args.seed,

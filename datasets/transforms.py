@@ -30,12 +30,21 @@ def pad_to(image: torch.Tensor, density: torch.Tensor, height: int, width: int):
 
 
 def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip: bool = True,
-                     generator: torch.Generator | None = None):
-    """A random `size`×`size` window of image and density (padded if smaller), flipped left-right with p=0.5."""
+                     generator: torch.Generator | None = None, dense: float = 0.0):
+    """A random `size`×`size` window of image and density (padded if smaller), flipped left-right with p=0.5.
+
+    With probability `dense` the window is drawn around a pixel drawn by the density (a head, in proportion to how
+    crowded its surroundings are) instead of uniformly: a counter that undercounts dense scenes sees more of them."""
     image, density = pad_to(image, density, size, size)
     h, w = image.shape[-2:]
-    top = int(torch.randint(h - size + 1, (1,), generator=generator))
-    left = int(torch.randint(w - size + 1, (1,), generator=generator))
+    if dense > 0 and float(torch.rand((), generator=generator)) < dense and float(density.sum()) > 0:
+        at = int(torch.multinomial(density.reshape(-1).clamp_min(0).double(), 1, generator=generator))
+        row, col = divmod(at, w)
+        top = int(torch.randint(max(0, row - size + 1), min(row, h - size) + 1, (1,), generator=generator))
+        left = int(torch.randint(max(0, col - size + 1), min(col, w - size) + 1, (1,), generator=generator))
+    else:
+        top = int(torch.randint(h - size + 1, (1,), generator=generator))
+        left = int(torch.randint(w - size + 1, (1,), generator=generator))
     image = image[..., top:top + size, left:left + size]
     density = density[..., top:top + size, left:left + size]
     if flip and bool(torch.rand((), generator=generator) < 0.5):

@@ -1,5 +1,6 @@
 """SmallField: a counter built to be certified. Every output cell sees a 33×33 pixel window (MCNN: 72, CSRNet: 284),
-so a patch can reach few cells and the receptive-field certificates stay tight; stride 4, non-negative output.
+so a patch can reach few cells and the receptive-field certificates stay tight; stride 4, non-negative output. Each
+3×3 residual block at stride 4 beyond the first (`blocks`) widens the field by 16 px.
 
 Only 3×3 convolutions (two at stride 2) and 1×1 mixing, with batch normalisation and residual blocks: in eval mode
 batch norm is a per-channel affine map, so it leaves the field where the convolutions put it.
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.counter import CrowdCounter
+from utils.errors import ToolkitError
 
 # The head predicts 100 × the density: per-cell targets are about 0.01, while Adam moves each parameter by about its
 # learning rate per step; at unit scale the first epoch overshot every output cell below zero.
@@ -45,7 +47,7 @@ class NonNegative(nn.LeakyReLU):
 
 
 class SmallField(nn.Module):
-    def __init__(self, width: int = 24):
+    def __init__(self, width: int = 24, blocks: int = 1):
         super().__init__()
         w1, w2, w4 = width, 2 * width, 4 * width
         self.features = nn.Sequential(
@@ -53,7 +55,7 @@ class SmallField(nn.Module):
             conv_bn(w1, w2, stride=2),            # 5, stride 2
             Residual(w2, 3),                      # 13
             conv_bn(w2, w4, stride=2),            # 17, stride 4
-            Residual(w4, 3),                      # 33
+            *(Residual(w4, 3) for _ in range(blocks)),  # 33, then +16 per block
             Residual(w4, 1), Residual(w4, 1),     # 1×1 mixing: capacity without widening the field
         )
         self.head = nn.Sequential(nn.Conv2d(w4, w2, 1), nn.ReLU(inplace=True), nn.Conv2d(w2, 1, 1), NonNegative())
@@ -62,6 +64,9 @@ class SmallField(nn.Module):
         return self.head(self.features(x)) / DENSITY_SCALE
 
 
-def build_smallfield(width: int = 24) -> CrowdCounter:
-    return CrowdCounter("smallfield", SmallField(width), stride=4, size_multiple=4, native_channels=3,
-                        model_kwargs={"width": width})
+def build_smallfield(width: int = 24, blocks: int = 1) -> CrowdCounter:
+    if width < 1 or blocks < 1:
+        raise ToolkitError(f"SmallField needs a width and blocks of at least 1, got width {width}, blocks {blocks}")
+    kwargs = {"width": width} if blocks == 1 else {"width": width, "blocks": blocks}  # older checkpoints: width only
+    return CrowdCounter("smallfield", SmallField(width, blocks), stride=4, size_multiple=4, native_channels=3,
+                        model_kwargs=kwargs)

@@ -54,13 +54,15 @@ def test_smallfield_sees_a_fraction_of_mcnns_field(monkeypatch):
     from models import smallfield
 
     assert receptive_field(build("smallfield")) == ReceptiveField(33, 4, -16)  # five 3x3 convs (two at stride 2)
+    assert receptive_field(build("smallfield", blocks=2)) == ReceptiveField(49, 4, -24)  # two more at stride 4
     monkeypatch.setattr(smallfield, "DENSITY_SCALE", 1.0)  # changes on the scale of the brute force's threshold
-    model, side = build("smallfield", width=4, seed=0).eval(), 48
-    rf = receptive_field(model)
-    for cell in (side // 4 // 2, side // 4 // 2 + 1):  # brute force: inside the field (ReLUs dead at random init
-        start = cell * rf.stride + rf.offset  # may hide its rim), and most of it
-        lo, hi = perturbation_support(model, side, cell)
-        assert start <= lo and hi <= start + rf.side - 1 and hi - lo + 1 > rf.side // 2, (lo, hi, start)
+    for blocks, side, seed in ((1, 48, 0), (2, 64, 3)):  # seeds whose output cells are alive at init
+        model = build("smallfield", width=4, blocks=blocks, seed=seed).eval()
+        rf = receptive_field(model)
+        for cell in (side // 4 // 2, side // 4 // 2 + 1):  # brute force: inside the field (ReLUs dead at random
+            start = cell * rf.stride + rf.offset  # init may hide its rim), and most of it
+            lo, hi = perturbation_support(model, side, cell)
+            assert start <= lo and hi <= start + rf.side - 1 and hi - lo + 1 > rf.side // 2, (lo, hi, start)
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ import torch
 
 import train
 from models import build
-from utils import runtime
+from models.receptive_field import receptive_field
+from utils import cli, runtime
 from utils.errors import ToolkitError
 from utils.io import load_checkpoint
 
@@ -81,18 +82,29 @@ def test_the_count_loss_is_recorded_and_changes_training(tiny_crowds, tmp_path):
     assert plain["mae"] != counted["mae"]
 
 
-def test_width_is_recorded_and_its_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
-    argv = _argv(tiny_crowds, tmp_path / "w8", "--epochs", "1", "--width", "8")
+def test_dense_crops_are_recorded_and_change_the_crops_only(tiny_crowds, tmp_path):
+    args = train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "dense", "--epochs", "1",
+                                                     "--dense-crops", "1"))
+    _, _, _, train_set, val_set, _ = cli.training_setup(args, "train", dense=args.dense_crops)
+    assert train_set.dense == 1.0 and val_set.dense == 0.0 and val_set.crop is None  # validated on whole images
+    assert all(train_set[i][2] > 0 for i in range(len(train_set)))  # every crop drawn around a head
+    assert json.loads((tmp_path / "dense" / "args.json").read_text())["dense_crops"] == 1.0
+
+
+def test_width_and_blocks_are_recorded_and_their_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
+    argv = _argv(tiny_crowds, tmp_path / "w8", "--epochs", "1", "--width", "8", "--blocks", "2")
     train.main(train.get_args_parser().parse_args([*argv[:1], "smallfield", *argv[2:]]))
-    assert json.loads((tmp_path / "w8" / "args.json").read_text())["width"] == 8
-    assert load_checkpoint(tmp_path / "w8" / "best.pt")["model_kwargs"] == {"width": 8}
-    model = build("smallfield", tmp_path / "w8" / "best.pt")  # no width given: the checkpoint's own
+    record = json.loads((tmp_path / "w8" / "args.json").read_text())
+    assert (record["width"], record["blocks"]) == (8, 2)
+    assert load_checkpoint(tmp_path / "w8" / "best.pt")["model_kwargs"] == {"width": 8, "blocks": 2}
+    model = build("smallfield", tmp_path / "w8" / "best.pt")  # no options given: the checkpoint's own
     assert model.net.features[0][0].out_channels == 8
+    assert receptive_field(model.eval()).side == 33 + 16  # one block beyond the first
     with pytest.raises(ToolkitError, match="mcnn has no option width"):
         train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "bad", "--width", "8")))
     assert not (tmp_path / "bad").exists()
     again = _argv(tiny_crowds, tmp_path / "again", "--width", "8", "--weights", str(tmp_path / "w8" / "best.pt"))
-    with pytest.raises(ToolkitError, match="keep the width they were trained with"):
+    with pytest.raises(ToolkitError, match="--width build a new SmallField: weights given to --weights keep"):
         train.main(train.get_args_parser().parse_args([*again[:1], "smallfield", *again[2:]]))
     assert not (tmp_path / "again").exists()
 
@@ -218,6 +230,7 @@ def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
         (_argv(tiny_crowds, tmp_path / "e", "--workers", "-1"), "--workers: must be a non-negative integer"),
         (_argv(tiny_crowds, tmp_path / "f", "--val", "1"), "--val: must lie in [0, 1), got 1"),
         (_argv(tiny_crowds, tmp_path / "g", "--val", "0.95"), "leaves none to train on"),
+        (_argv(tiny_crowds, tmp_path / "h", "--dense-crops", "1.5"), "--dense-crops: must lie in [0, 1], got 1.5"),
     ]
     for argv, message in cases:
         code, lines = cli_error(train, argv)

@@ -1,6 +1,6 @@
 import torch
 
-from datasets.transforms import multiple_size, random_erase, resize_to_multiple
+from datasets.transforms import multiple_size, random_crop_flip, random_erase, resize_to_multiple
 
 
 def test_multiple_size_floors_but_never_below_one_multiple():
@@ -25,3 +25,28 @@ def test_random_erase_replaces_one_rectangle_and_its_heads():
     assert torch.equal(image, torch.full((3, 64, 64), 0.5))  # inputs untouched
     same, same_den = random_erase(image, density, 0.0, g)
     assert same is image and same_den is density
+
+
+def test_uniform_crops_are_drawn_as_before_dense_crops_existed():
+    image, density = torch.rand(3, 50, 70), torch.rand(50, 70)
+    for seed in range(5):
+        g, reference = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        top, left = (int(torch.randint(n - 32 + 1, (1,), generator=reference)) for n in (50, 70))
+        flipped = bool(torch.rand((), generator=reference) < 0.5)
+        expected = image[:, top:top + 32, left:left + 32]
+        out, den = random_crop_flip(image, density, 32, generator=g, dense=0.0)
+        assert torch.equal(out, expected.flip(-1) if flipped else expected)
+
+
+def test_dense_crops_are_drawn_around_heads_in_proportion_to_the_density():
+    image, density = torch.rand(3, 200, 300), torch.zeros(200, 300)
+    density[10, 20], density[150, 280] = 3.0, 1.0  # two heads far apart: no 64 px crop holds both
+    g = torch.Generator().manual_seed(0)
+    held = [random_crop_flip(image, density, 64, flip=False, generator=g, dense=1.0)[1].sum().item()
+            for _ in range(2000)]
+    assert set(held) == {1.0, 3.0}  # every crop holds a head
+    assert abs(held.count(3.0) / len(held) - 0.75) < 0.03  # three times as often where three times the mass
+    uniform = [random_crop_flip(image, density, 64, flip=False, generator=g)[1].sum().item() for _ in range(500)]
+    assert uniform.count(0.0) > 400  # as the uniform draw mostly misses both
+    empty = torch.zeros(200, 300)  # nothing to draw by: uniform, never an error
+    assert random_crop_flip(image, empty, 64, generator=g, dense=1.0)[0].shape == (3, 64, 64)

@@ -314,7 +314,7 @@ def resolve_splits(data: Path | None, train: Path | None = None,
     return tuple(None if split is None else check_split(split) for split in (train, test))
 
 
-def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
+def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, dense: float = 0.0
                    ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset | None, CrowdDataset]:
     """What every training script does first: the run folder checked, device, model, the train split's crops and
     its held-out validation part (`--val`, drawn by `--seed`), the test split, then the run folder claimed (only once
@@ -324,13 +324,14 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0
     if train_root is None or test_root is None:
         raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
     device = pick_device(args.device)
-    options = {"width": args.width} if getattr(args, "width", None) else {}  # train.py --width
+    options = {k: getattr(args, k) for k in ("width", "blocks") if getattr(args, k, None)}  # train.py's
     if options and args.weights is not None:
-        raise ToolkitError("--width builds a new SmallField: weights given to --weights keep the width they were "
-                           "trained with, so leave --width out")
+        flags = " and ".join(f"--{k}" for k in options)
+        raise ToolkitError(f"{flags} build a new SmallField: weights given to --weights keep the width and blocks "
+                           f"they were trained with, so leave {flags} out")
     model = build(args.model, args.weights, seed=args.seed, **options)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
-                                       max_images=args.max_train_images, erase=erase)
+                                       max_images=args.max_train_images, erase=erase, dense=dense)
     val_set = None
     if args.val > 0:
         train_set, val_set = train_set.holdout(args.val, args.seed)
