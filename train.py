@@ -22,6 +22,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--blocks", type=cli.positive_int,
                        help="SmallField's 3x3 residual blocks at stride 4, for a model trained from scratch: each one "
                             "beyond the first (the default) widens the receptive field by 16 px, from 33")
+    group.add_argument("--no-batch-norm", dest="norm", action="store_false",
+                       help="SmallField without batch norm (a bias per convolution), for a model trained from scratch: "
+                            "no running statistics to move the count between epochs")
     cli.add_data_args(parser)
     group = cli.add_training_args(parser, DEFAULTS)
     group.add_argument("--erase", type=float, default=0.0,

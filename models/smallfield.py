@@ -14,20 +14,26 @@ from utils.errors import ToolkitError
 # The head predicts 100 × the density: per-cell targets are about 0.01, while Adam moves each parameter by about its
 # learning rate per step; at unit scale the first epoch overshot every output cell below zero.
 DENSITY_SCALE = 100.0
+DEFAULTS = {"blocks": 1, "norm": True}  # build options a checkpoint records only when they differ
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+def conv_norm(cin: int, cout: int, k: int, stride: int = 1, norm: bool = True) -> list[nn.Module]:
+    """A convolution and its batch norm, or a convolution with a bias and an identity in the norm's place (so the
+    modules keep their indices, and checkpoints their keys)."""
+    return [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=not norm),
+            nn.BatchNorm2d(cout) if norm else nn.Identity()]
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, norm: bool = True) -> nn.Sequential:
+    return nn.Sequential(*conv_norm(cin, cout, k, stride, norm), nn.ReLU(inplace=True))
 
 
 class Residual(nn.Module):
     """x + two convolutions of x (the second without its ReLU until after the sum)."""
 
-    def __init__(self, width: int, k: int):
+    def __init__(self, width: int, k: int, norm: bool = True):
         super().__init__()
-        self.body = nn.Sequential(conv_bn(width, width, k),
-                                  nn.Conv2d(width, width, k, padding=(k - 1) // 2, bias=False), nn.BatchNorm2d(width))
+        self.body = nn.Sequential(conv_bn(width, width, k, norm=norm), *conv_norm(width, width, k, norm=norm))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,16 +53,16 @@ class NonNegative(nn.LeakyReLU):
 
 
 class SmallField(nn.Module):
-    def __init__(self, width: int = 24, blocks: int = 1):
+    def __init__(self, width: int = 24, blocks: int = 1, norm: bool = True):
         super().__init__()
         w1, w2, w4 = width, 2 * width, 4 * width
         self.features = nn.Sequential(
-            conv_bn(3, w1),                       # field 3
-            conv_bn(w1, w2, stride=2),            # 5, stride 2
-            Residual(w2, 3),                      # 13
-            conv_bn(w2, w4, stride=2),            # 17, stride 4
-            *(Residual(w4, 3) for _ in range(blocks)),  # 33, then +16 per block
-            Residual(w4, 1), Residual(w4, 1),     # 1×1 mixing: capacity without widening the field
+            conv_bn(3, w1, norm=norm),                  # field 3
+            conv_bn(w1, w2, stride=2, norm=norm),       # 5, stride 2
+            Residual(w2, 3, norm),                      # 13
+            conv_bn(w2, w4, stride=2, norm=norm),       # 17, stride 4
+            *(Residual(w4, 3, norm) for _ in range(blocks)),  # 33, then +16 per block
+            Residual(w4, 1, norm), Residual(w4, 1, norm),     # 1×1 mixing: capacity without widening the field
         )
         self.head = nn.Sequential(nn.Conv2d(w4, w2, 1), nn.ReLU(inplace=True), nn.Conv2d(w2, 1, 1), NonNegative())
 
@@ -64,9 +70,12 @@ class SmallField(nn.Module):
         return self.head(self.features(x)) / DENSITY_SCALE
 
 
-def build_smallfield(width: int = 24, blocks: int = 1) -> CrowdCounter:
+def build_smallfield(width: int = 24, blocks: int = 1, norm: bool = True) -> CrowdCounter:
+    """`norm=False`: no batch norm (a bias per convolution instead), so training and evaluation compute the same
+    function and no running statistics move the count between epochs."""
     if width < 1 or blocks < 1:
         raise ToolkitError(f"SmallField needs a width and blocks of at least 1, got width {width}, blocks {blocks}")
-    kwargs = {"width": width} if blocks == 1 else {"width": width, "blocks": blocks}  # older checkpoints: width only
-    return CrowdCounter("smallfield", SmallField(width, blocks), stride=4, size_multiple=4, native_channels=3,
+    kwargs = {"width": width, "blocks": blocks, "norm": norm}
+    kwargs = {k: v for k, v in kwargs.items() if k == "width" or v != DEFAULTS[k]}  # as older checkpoints record
+    return CrowdCounter("smallfield", SmallField(width, blocks, norm), stride=4, size_multiple=4, native_channels=3,
                         model_kwargs=kwargs)

@@ -183,6 +183,19 @@ def test_deform_conv_border_difference_from_the_original():
     torch.testing.assert_close(ref[same], x[0, 0][same])
 
 
+def test_smallfield_without_batch_norm_computes_the_same_in_training_and_in_eval():
+    model = build("smallfield", norm=False, seed=0)
+    assert model.model_kwargs == {"width": 24, "norm": False}  # the defaults left out, as older checkpoints have it
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained, evaluated = model.train()(x), model.eval()(x)
+    torch.testing.assert_close(trained.clamp_min(0), evaluated)  # only the output's leak differs
+    with_norm = build("smallfield", seed=0)
+    with torch.no_grad():
+        assert not torch.allclose(with_norm.train()(x), with_norm.eval()(x))  # batch statistics against running ones
+
+
 def test_smallfield_output_is_never_negative_and_never_dies():
     model = build("smallfield", seed=0)
     with torch.no_grad():

@@ -55,6 +55,7 @@ def test_smallfield_sees_a_fraction_of_mcnns_field(monkeypatch):
 
     assert receptive_field(build("smallfield")) == ReceptiveField(33, 4, -16)  # five 3x3 convs (two at stride 2)
     assert receptive_field(build("smallfield", blocks=2)) == ReceptiveField(49, 4, -24)  # two more at stride 4
+    assert receptive_field(build("smallfield", norm=False)) == ReceptiveField(33, 4, -16)
     monkeypatch.setattr(smallfield, "DENSITY_SCALE", 1.0)  # changes on the scale of the brute force's threshold
     for blocks, side, seed in ((1, 48, 0), (2, 64, 3)):  # seeds whose output cells are alive at init
         model = build("smallfield", width=4, blocks=blocks, seed=seed).eval()

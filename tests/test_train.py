@@ -91,14 +91,15 @@ def test_dense_crops_are_recorded_and_change_the_crops_only(tiny_crowds, tmp_pat
     assert json.loads((tmp_path / "dense" / "args.json").read_text())["dense_crops"] == 1.0
 
 
-def test_width_and_blocks_are_recorded_and_their_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
-    argv = _argv(tiny_crowds, tmp_path / "w8", "--epochs", "1", "--width", "8", "--blocks", "2")
+def test_the_architecture_is_recorded_and_its_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
+    argv = _argv(tiny_crowds, tmp_path / "w8", "--epochs", "1", "--width", "8", "--blocks", "2", "--no-batch-norm")
     train.main(train.get_args_parser().parse_args([*argv[:1], "smallfield", *argv[2:]]))
     record = json.loads((tmp_path / "w8" / "args.json").read_text())
-    assert (record["width"], record["blocks"]) == (8, 2)
-    assert load_checkpoint(tmp_path / "w8" / "best.pt")["model_kwargs"] == {"width": 8, "blocks": 2}
+    assert (record["width"], record["blocks"], record["norm"]) == (8, 2, False)
+    assert load_checkpoint(tmp_path / "w8" / "best.pt")["model_kwargs"] == {"width": 8, "blocks": 2, "norm": False}
     model = build("smallfield", tmp_path / "w8" / "best.pt")  # no options given: the checkpoint's own
     assert model.net.features[0][0].out_channels == 8
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert receptive_field(model.eval()).side == 33 + 16  # one block beyond the first
     with pytest.raises(ToolkitError, match="mcnn has no option width"):
         train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "bad", "--width", "8")))
