@@ -38,7 +38,7 @@ def build(name: str, weights: str | Path | None = None, seed: int | None = None,
     `kwargs` given here take precedence. `seed`: the initial weights are those `torch.manual_seed(seed)` gives,
     drawn inside `fork_rng` so the caller's global RNG is neither read nor moved (PyTorch's layers offer no generator
     argument; nothing else in the toolkit draws from the global RNG). kwargs: csrnet `upsample`, `vgg_weights`; can
-    and danet `vgg_weights`; cmtl `level_width`; smallfield `width`.
+    and danet `vgg_weights`; cmtl `level_width`; smallfield `width`, `blocks`, `norm`.
     """
     key = canonical_name(name)
     if key not in _BUILDERS:

@@ -1,6 +1,6 @@
-"""SmallField: a counter built to be certified. Every output cell sees a 33×33 pixel window (MCNN: 72, CSRNet: 284),
-so a patch can reach few cells and the receptive-field certificates stay tight; stride 4, non-negative output. Each
-3×3 residual block at stride 4 beyond the first (`blocks`) widens the field by 16 px.
+"""SmallField: a counter built to be certified. Every output cell sees a 33×33 pixel window (MCNN: 72, CSRNet: 284)
+by default, so a patch can reach few cells and the receptive-field certificates stay tight; stride 4, non-negative
+output. Each 3×3 residual block at stride 4 beyond the first (`blocks`) widens the field by 16 px.
 
 Only 3×3 convolutions (two at stride 2) and 1×1 mixing, with batch normalisation and residual blocks: in eval mode
 batch norm is a per-channel affine map, so it leaves the field where the convolutions put it.

@@ -13,7 +13,7 @@ import torch
 import train
 from models import build
 from models.receptive_field import receptive_field
-from utils import cli, runtime
+from utils import runtime
 from utils.errors import ToolkitError
 from utils.io import load_checkpoint
 
@@ -82,13 +82,29 @@ def test_the_count_loss_is_recorded_and_changes_training(tiny_crowds, tmp_path):
     assert plain["mae"] != counted["mae"]
 
 
-def test_dense_crops_are_recorded_and_change_the_crops_only(tiny_crowds, tmp_path):
-    args = train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "dense", "--epochs", "1",
-                                                     "--dense-crops", "1"))
-    _, _, _, train_set, val_set, _ = cli.training_setup(args, "train", dense=args.dense_crops)
-    assert train_set.dense == 1.0 and val_set.dense == 0.0 and val_set.crop is None  # validated on whole images
-    assert all(train_set[i][2] > 0 for i in range(len(train_set)))  # every crop drawn around a head
-    assert json.loads((tmp_path / "dense" / "args.json").read_text())["dense_crops"] == 1.0
+def test_dense_crops_are_recorded_and_draw_crops_around_heads(tiny_crowds, tmp_path, monkeypatch):
+    made, real_fit = [], train.fit
+
+    def fit(model, train_set, val_set, *args, **kwargs):
+        assert val_set.dense == 0.0 and val_set.crop is None  # validated on whole images, as a test split
+        made.append(train_set)
+        return real_fit(model, train_set, val_set, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fit)
+    for share in ("0", "1"):
+        train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / share, "--epochs", "1",
+                                                             "--dense-crops", share)))
+        assert json.loads((tmp_path / share / "args.json").read_text())["dense_crops"] == float(share)
+    uniform, dense = made
+    assert (uniform.dense, dense.dense) == (0.0, 1.0) and uniform.names == dense.names
+    counts = {}
+    for part in made:  # the crops of 20 epochs: drawn around heads, they hold more of them
+        counts[part.dense] = []
+        for epoch in range(20):
+            part.set_epoch(epoch)
+            counts[part.dense] += [part[i][2] for i in range(len(part))]
+    assert min(counts[1.0]) > 0 and min(counts[0.0]) == 0
+    assert sum(counts[1.0]) > 1.2 * sum(counts[0.0])
 
 
 def test_the_architecture_is_recorded_and_its_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
@@ -105,7 +121,7 @@ def test_the_architecture_is_recorded_and_its_checkpoints_rebuild_themselves(tin
         train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "bad", "--width", "8")))
     assert not (tmp_path / "bad").exists()
     again = _argv(tiny_crowds, tmp_path / "again", "--width", "8", "--weights", str(tmp_path / "w8" / "best.pt"))
-    with pytest.raises(ToolkitError, match="--width build a new SmallField: weights given to --weights keep"):
+    with pytest.raises(ToolkitError, match="keep the architecture they were trained with: leave out --width, which"):
         train.main(train.get_args_parser().parse_args([*again[:1], "smallfield", *again[2:]]))
     assert not (tmp_path / "again").exists()
 
@@ -216,6 +232,22 @@ def test_a_run_from_before_the_validation_part_resumes_on_its_whole_train_split(
     assert code == 2 and "--val 0.2 contradicts the run being resumed (--val 0.0 in" in lines[0], lines
     summary = train.main(train.get_args_parser().parse_args(["--out", str(tmp_path), "--resume", "--epochs", "2"]))
     assert summary["train_images"] == 6 and summary["validation"] is None and summary["checkpoint"] == "last.pt"
+
+
+def test_a_run_from_before_the_crop_and_architecture_flags_refuses_them_on_resume(tiny_crowds, tmp_path, cli_error):
+    argv = _argv(tiny_crowds, tmp_path, "--epochs", "1")
+    train.main(train.get_args_parser().parse_args([*argv[:1], "smallfield", *argv[2:]]))
+    state = load_checkpoint(tmp_path / "last.pt")
+    for key in ("dense_crops", "width", "blocks", "norm"):  # as a run of the version before them recorded it
+        del state["args"][key]
+    torch.save(state, tmp_path / "last.pt")
+    for flags, message in [(["--dense-crops", "0.5"], "--dense-crops 0.5 contradicts the run being resumed"),
+                           (["--blocks", "2"], "--blocks 2 contradicts the run being resumed"),
+                           (["--no-batch-norm"], "contradicts the run being resumed")]:
+        code, lines = cli_error(train, ["--out", str(tmp_path), "--resume", "--epochs", "2", *flags])
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    summary = train.main(train.get_args_parser().parse_args(["--out", str(tmp_path), "--resume", "--epochs", "2"]))
+    assert summary["epochs"] == 2
 
 
 def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):

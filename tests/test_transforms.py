@@ -35,7 +35,9 @@ def test_uniform_crops_are_drawn_as_before_dense_crops_existed():
         flipped = bool(torch.rand((), generator=reference) < 0.5)
         expected = image[:, top:top + 32, left:left + 32]
         out, den = random_crop_flip(image, density, 32, generator=g, dense=0.0)
+        window = density[top:top + 32, left:left + 32]
         assert torch.equal(out, expected.flip(-1) if flipped else expected)
+        assert torch.equal(den, window.flip(-1) if flipped else window)
 
 
 def test_dense_crops_are_drawn_around_heads_in_proportion_to_the_density():
@@ -50,3 +52,6 @@ def test_dense_crops_are_drawn_around_heads_in_proportion_to_the_density():
     assert uniform.count(0.0) > 400  # as the uniform draw mostly misses both
     empty = torch.zeros(200, 300)  # nothing to draw by: uniform, never an error
     assert random_crop_flip(image, empty, 64, generator=g, dense=1.0)[0].shape == (3, 64, 64)
+    corner = torch.zeros(1, 40, 50)  # a head in the last pixel of an image smaller than the crop: padded, kept
+    corner[0, 39, 49] = 1.0
+    assert random_crop_flip(torch.rand(3, 40, 50), corner, 64, flip=False, generator=g, dense=1.0)[1].sum() == 1

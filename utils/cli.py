@@ -325,12 +325,12 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, de
         raise ToolkitError("training needs both a train and a test split (--data, or --train-data and --test-data)")
     device = pick_device(args.device)
     options = {k: getattr(args, k) for k in ("width", "blocks") if getattr(args, k, None)}  # train.py's
-    if getattr(args, "norm", True) is False:
+    if not getattr(args, "norm", True):
         options["norm"] = False
     if options and args.weights is not None:
-        flags = " and ".join("--no-batch-norm" if k == "norm" else f"--{k}" for k in options)
-        raise ToolkitError(f"{flags} build a new SmallField: weights given to --weights keep the architecture "
-                           f"they were trained with, so leave {flags} out")
+        flags = ", ".join("--no-batch-norm" if k == "norm" else f"--{k}" for k in options)
+        raise ToolkitError(f"weights given to --weights keep the architecture they were trained with: leave out "
+                           f"{flags}, which build a new SmallField")
     model = build(args.model, args.weights, seed=args.seed, **options)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase, dense=dense)

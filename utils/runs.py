@@ -23,7 +23,9 @@ RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
 RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile"})
 # Settings a run recorded before the flag existed had this value: such a run resumes as it started
-BEFORE_THE_FLAG = {"val": 0.0, "count_loss": 0.0}  # no validation part, no count term
+# what a run recorded before each flag existed meant: no validation part, no count term, uniform crops, the default
+# SmallField
+BEFORE_THE_FLAG = {"val": 0.0, "count_loss": 0.0, "dense_crops": 0.0, "width": None, "blocks": None, "norm": True}
 REPO = Path(__file__).resolve().parents[1]
 
 _current: dict | None = None  # the run folder this process works in: {"out", "created", "resumed"}
