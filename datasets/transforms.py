@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MULTINOMIAL_LIMIT = 2**24  # the most categories torch.multinomial draws from
+
 
 def multiple_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """The size a model's input rule asks for: each side floored to a multiple (never below one multiple)."""
@@ -37,12 +39,9 @@ def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip
     crowded its surroundings are) instead of uniformly: a counter that undercounts dense scenes sees more of them."""
     image, density = pad_to(image, density, size, size)
     h, w = image.shape[-2:]
-    mass = density.reshape(-1).clamp_min(0).double().cumsum(0) if dense > 0 else None
-    if dense > 0 and float(torch.rand((), generator=generator)) < dense and float(mass[-1]) > 0:
-        # inverse-CDF sampling: no 2^24 limit on the pixels, unlike torch.multinomial, and faster
-        drawn = torch.rand((), dtype=torch.float64, generator=generator) * mass[-1]
-        at = min(int(torch.searchsorted(mass, drawn, right=True)), mass.numel() - 1)
-        row, col = divmod(at, w)
+    weights = density.reshape(-1).clamp_min(0).double() if dense > 0 else None
+    if dense > 0 and float(torch.rand((), generator=generator)) < dense and float(weights.sum()) > 0:
+        row, col = divmod(_draw(weights, generator), w)
         top = int(torch.randint(max(0, row - size + 1), min(row, h - size) + 1, (1,), generator=generator))
         left = int(torch.randint(max(0, col - size + 1), min(col, w - size) + 1, (1,), generator=generator))
     else:
@@ -53,6 +52,16 @@ def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip
     if flip and bool(torch.rand((), generator=generator) < 0.5):
         image, density = image.flip(-1), density.flip(-1)
     return image, density
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index drawn in proportion to `weights`: torch.multinomial (the draws the released runs were trained
+    with) up to its limit of 2^24 categories, inverse-CDF sampling of the same distribution beyond it."""
+    if weights.numel() <= MULTINOMIAL_LIMIT:
+        return int(torch.multinomial(weights, 1, generator=generator))
+    mass = weights.cumsum(0)
+    drawn = torch.rand((), dtype=torch.float64, generator=generator) * mass[-1]
+    return min(int(torch.searchsorted(mass, drawn, right=True)), mass.numel() - 1)
 
 
 def random_erase(image: torch.Tensor, density: torch.Tensor, p: float, generator: torch.Generator | None = None):

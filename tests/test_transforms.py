@@ -55,3 +55,15 @@ def test_dense_crops_are_drawn_around_heads_in_proportion_to_the_density():
     corner = torch.zeros(1, 40, 50)  # a head in the last pixel of an image smaller than the crop: padded, kept
     corner[0, 39, 49] = 1.0
     assert random_crop_flip(torch.rand(3, 40, 50), corner, 64, flip=False, generator=g, dense=1.0)[1].sum() == 1
+
+
+def test_beyond_multinomials_limit_pixels_are_drawn_from_the_same_distribution(monkeypatch):
+    from datasets import transforms
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    small = [transforms._draw(weights, g) for _ in range(4000)]
+    monkeypatch.setattr(transforms, "MULTINOMIAL_LIMIT", 3)  # as an image of more than 2^24 pixels
+    large = [transforms._draw(weights, g) for _ in range(4000)]
+    for drawn in (small, large):
+        assert set(drawn) == {1, 3} and abs(drawn.count(1) / len(drawn) - 0.75) < 0.03
