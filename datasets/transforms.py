@@ -39,9 +39,12 @@ def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip
     crowded its surroundings are) instead of uniformly: a counter that undercounts dense scenes sees more of them."""
     image, density = pad_to(image, density, size, size)
     h, w = image.shape[-2:]
-    weights = density.reshape(-1).clamp_min(0).double() if dense > 0 else None
-    if dense > 0 and float(torch.rand((), generator=generator)) < dense and float(weights.sum()) > 0:
-        row, col = divmod(_draw(weights, generator), w)
+    at = None
+    if dense > 0 and float(torch.rand((), generator=generator)) < dense:
+        weights = density.reshape(-1).clamp_min(0).double()
+        at = _draw(weights, generator) if float(weights.sum()) > 0 else None  # nothing to draw by: uniform
+    if at is not None:
+        row, col = divmod(at, w)
         top = int(torch.randint(max(0, row - size + 1), min(row, h - size) + 1, (1,), generator=generator))
         left = int(torch.randint(max(0, col - size + 1), min(col, w - size) + 1, (1,), generator=generator))
     else:

@@ -14,7 +14,6 @@ from utils.errors import ToolkitError
 # The head predicts 100 × the density: per-cell targets are about 0.01, while Adam moves each parameter by about its
 # learning rate per step; at unit scale the first epoch overshot every output cell below zero.
 DENSITY_SCALE = 100.0
-DEFAULTS = {"blocks": 1, "norm": True}  # build options a checkpoint records only when they differ
 
 
 def conv_norm(cin: int, cout: int, k: int, stride: int = 1, norm: bool = True) -> list[nn.Module]:
@@ -75,7 +74,10 @@ def build_smallfield(width: int = 24, blocks: int = 1, norm: bool = True) -> Cro
     function and no running statistics move the count between epochs."""
     if width < 1 or blocks < 1:
         raise ToolkitError(f"SmallField needs a width and blocks of at least 1, got width {width}, blocks {blocks}")
-    kwargs = {"width": width, "blocks": blocks, "norm": norm}
-    kwargs = {k: v for k, v in kwargs.items() if k == "width" or v != DEFAULTS[k]}  # as older checkpoints record
+    kwargs = {"width": width}  # the other options only where not the default, as older checkpoints record them
+    if blocks != 1:
+        kwargs["blocks"] = blocks
+    if not norm:
+        kwargs["norm"] = False
     return CrowdCounter("smallfield", SmallField(width, blocks, norm), stride=4, size_multiple=4, native_channels=3,
                         model_kwargs=kwargs)
