@@ -69,9 +69,10 @@ def main(args: argparse.Namespace) -> dict:
         start, _ = recipe.validate(model, val_set, device, args.amp, 0)
         print(f"start model, on the validation part: clean MAE {start['clean_mae']:.2f}, MAE "
               f"{start['attacked_mae']:.2f} under a fresh {args.patch_size}px patch")
-    summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
-                  resume=args.resume, record=runs.settings(args), seed=args.seed, recipe=recipe,
+    summary = fit(model, train_set, val_set, test_set if args.score_test else None, out, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=device,
+                  amp=args.amp, workers=args.workers, resume=args.resume,
+                  record=runs.settings(args), seed=args.seed, recipe=recipe,
                   figure_format=args.figure_format)
     if start is not None:
         summary["start"] = start
@@ -81,8 +82,9 @@ def main(args: argparse.Namespace) -> dict:
                   f"{start['clean_mae']:.2f}) -> best.pt, epoch {summary['best_epoch']}: {chosen['attacked_mae']:.2f} "
                   f"(clean {chosen['clean_mae']:.2f}); last epoch {last['attacked_mae']:.2f} (clean "
                   f"{last['clean_mae']:.2f})")
-    print(f"test split, {summary['checkpoint']}: clean MAE {summary['clean_mae']:.2f}, MAE "
-          f"{summary['attacked_mae']:.2f} under a fresh {args.patch_size}px patch")
+    if args.score_test:
+        print(f"test split, {summary['checkpoint']}: clean MAE {summary['clean_mae']:.2f}, MAE "
+              f"{summary['attacked_mae']:.2f} under a fresh {args.patch_size}px patch")
     save_json(out / "metrics.json", summary)
     print(f"-> {out}")
     return summary

@@ -40,9 +40,10 @@ def main(args: argparse.Namespace) -> dict:
     print(f"ablation: keep {spec.keep} of {spec.reference_units} {spec.unit}s per image "
           f"({spec.crop_keep((3, args.crop, args.crop))} per {args.crop}x{args.crop} crop) after "
           f"{args.warmup_epochs} clean epochs")
-    summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
-                  resume=args.resume, record=runs.settings(args), seed=args.seed, recipe=recipe,
+    summary = fit(model, train_set, val_set, test_set if args.score_test else None, out, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=device,
+                  amp=args.amp, workers=args.workers, resume=args.resume,
+                  record=runs.settings(args), seed=args.seed, recipe=recipe,
                   figure_format=args.figure_format)
     print(f"-> {out}")
     return summary

@@ -42,9 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     out, device, model, train_set, val_set, test_set = cli.training_setup(args, "train", erase=args.erase,
                                                                            dense=args.dense_crops)
-    summary = fit(model, train_set, val_set, test_set, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  weight_decay=args.weight_decay, device=device, amp=args.amp, workers=args.workers,
-                  resume=args.resume, record=runs.settings(args), recipe=Recipe(args.count_loss), seed=args.seed,
+    summary = fit(model, train_set, val_set, test_set if args.score_test else None, out, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=device,
+                  amp=args.amp, workers=args.workers, resume=args.resume,
+                  record=runs.settings(args), recipe=Recipe(args.count_loss), seed=args.seed,
                   figure_format=args.figure_format)
     print(f"-> {out}")
     return summary

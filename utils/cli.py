@@ -204,6 +204,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argpar
                        help="share of the train split held out (a draw of --seed, listed in args.json) to validate "
                             "every epoch and choose best.pt; the test split is evaluated once, with the checkpoint "
                             "chosen; 0: no validation part, last.pt is kept")
+    group.add_argument("--no-test", dest="score_test", action="store_false",
+                       help="leave the test split unscored at the end (a candidate to be compared with others on the "
+                            "validation part first; evaluate.py or certify.py scores the one chosen)")
     group.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (needs --out)")
     return group
 

@@ -21,7 +21,8 @@ from utils.io import load_checkpoint, load_json, plain, save_json
 
 RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
-RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile"})
+RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile",
+                         "score_test"})
 # Settings a run recorded before the flag existed had this value: such a run resumes as it started
 # what a run recorded before each flag existed meant: no validation part, no count term, uniform crops, the default
 # SmallField
