@@ -64,3 +64,16 @@ def test_the_figure_marks_partial_and_missing_certificates_without_overlapping_l
     assert {"a", "b", "20 px patch", "40 px patch", "81 px patch", "some images not certified",
             "none certified (drawn at the top)"} <= set(labels)
     assert ax.get_ylim()[1] > 30.2  # the top row of uncertified markers sits above every point
+
+
+def test_every_model_has_its_own_colour_beyond_ten():
+    from matplotlib.colors import to_hex
+
+    from utils.plots import _tradeoff_fig
+
+    points = {f"model {k}": {40: (10.0 + k, 20.0 + k, 1.0)} for k in range(12)}
+    legend = _tradeoff_fig(points).axes[0].get_legend()
+    colours = {text.get_text(): to_hex(handle.get_color())
+               for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True)
+               if text.get_text().startswith("model")}
+    assert len(colours) == 12 and len(set(colours.values())) == 12

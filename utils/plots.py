@@ -345,10 +345,11 @@ def _tradeoff_fig(points: dict[str, dict[int, tuple[float, float, float]]], titl
     right = 1.15 * max(cleans)
     top = 1.12 * max(tights + [max(cleans), *(floors or {}).values()])
     handles, partial, nothing = [], False, False
-    for label, per_side in points.items():
+    palette = plt.get_cmap("tab10" if len(points) <= 10 else "tab20").colors  # a colour per model, none repeated
+    for k, (label, per_side) in enumerate(points.items()):
         certified = [(s, c, t) for s, (c, t, _) in sorted(per_side.items()) if t == t]
-        (line,) = ax.plot([c for _, c, _ in certified], [t for _, _, t in certified], alpha=0.5, lw=1)
-        color = line.get_color()
+        color = palette[k % len(palette)]
+        ax.plot([c for _, c, _ in certified], [t for _, _, t in certified], color=color, alpha=0.5, lw=1)
         handles.append(Line2D([], [], color=color, lw=2, label=label))
         for side, (clean, tight, fraction) in sorted(per_side.items()):
             if tight != tight:  # no image certified: no worst case to plot, so drawn at the top, pointing up
