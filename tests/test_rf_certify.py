@@ -13,7 +13,16 @@ from models.receptive_field import ReceptiveField, receptive_field
 from utils.attack import APAM, APAMConfig
 from utils.errors import ToolkitError
 from utils.patch import PatchSpec, PatchTransform, random_patch, sweep_centers
-from utils.rf_certify import Calibration, RFClipCertifier, RFMaskCertifier, calibrate, fit_refill, window_sums
+from utils.rf_certify import (
+    FLOAT_TOLERANCE,
+    Calibration,
+    RFClipCertifier,
+    RFMaskCertifier,
+    calibrate,
+    densest_pair,
+    fit_refill,
+    window_sums,
+)
 
 TOL = 1e-6  # float32 densities, float64 sums
 
@@ -129,6 +138,66 @@ def test_window_sums_are_box_filters():
     assert sums.shape == (1, 3, 5)
     assert torch.allclose(sums[0, 1, 2], density[0, 0, 1:4, 2:5].sum())
     assert torch.allclose(window_sums(density, 9)[0, 0, 0], density.sum())  # wider than the map: all of it
+
+
+def _windows(h: int, w: int, k: int) -> list[tuple[int, int]]:
+    kh, kw = min(k, h), min(k, w)
+    return [(i, j) for i in range(h - kh + 1) for j in range(w - kw + 1)]
+
+
+def _union(density: torch.Tensor, k: int, *tops: tuple[int, int]) -> float:
+    """The sum of a (h, w) map over the union of the k×k windows (clipped to the map) at `tops`, cell by cell."""
+    kh, kw = min(k, density.shape[0]), min(k, density.shape[1])
+    cells = torch.zeros(density.shape, dtype=torch.bool)
+    for i, j in tops:
+        cells[i:i + kh, j:j + kw] = True
+    return float(density.double()[cells].sum())
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_densest_pair_is_the_most_mass_in_the_union_of_two_windows(chunk, monkeypatch):
+    """Against the definition: every pair of windows, the union's cells summed one by one (maps narrower than the
+    window included), and the window it names belongs to such a pair; all row offsets at once and one at a time."""
+    if chunk:
+        monkeypatch.setattr("utils.rf_certify.PAIR_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(3)
+    for h, w, k in ((7, 9, 3), (5, 12, 4), (8, 3, 5), (2, 2, 3), (10, 10, 1), (6, 11, 6)):
+        density = torch.rand(3, 1, h, w, generator=gen) * (torch.rand(3, 1, h, w, generator=gen) > 0.6)
+        windows = _windows(h, w, k)
+        pair, at = densest_pair(density, k)
+        for image, one in enumerate(density[:, 0]):
+            most = max(_union(one, k, p, q) for p in windows for q in windows)
+            assert float(pair[image]) == pytest.approx(most, abs=1e-12), (h, w, k)
+            assert max(_union(one, k, windows[int(at[image])], q) for q in windows) == pytest.approx(most, abs=1e-12)
+
+
+def test_rf_mask_lower_end_is_attained_and_never_crossed():
+    """The lower end is exact: over every window a patch can reach, zeroed or with a large mass written into any one
+    of its cells (the attacks that hide the most), the lowest count is L, and none goes below."""
+    rf, side = ReceptiveField(5, 1, -2), 1  # one cell of field per pixel of patch: windows of 5 cells
+    gen = torch.Generator().manual_seed(4)
+    clean = torch.rand(2, 1, 9, 11, generator=gen) * (torch.rand(2, 1, 9, 11, generator=gen) > 0.3)
+    clean[1, 0, 2:6, 3:7] += 2.0  # one dense cluster: the densest pair is well below twice the densest window
+    k = rf.window(side)
+    certifier = RFMaskCertifier(rf, Calibration(1.0, {side: 0.7}, slope={side: 1.3}))
+    bounds = certifier.certify_batch(lambda _, m=clean: m, clean, [side])
+    for image, b in enumerate(bounds):
+        attacks = []
+        for i, j in _windows(9, 11, k):
+            zeroed = clean[image].clone()
+            zeroed[:, i:i + k, j:j + k] = 0
+            attacks.append(zeroed)
+            for r in range(i, i + k):
+                for c in range(j, j + k):
+                    spiked = zeroed.clone()
+                    spiked[:, r, c] = 100.0
+                    attacks.append(spiked)
+        attacked = torch.stack(attacks)
+        counts = certifier.counts(lambda _, m=attacked: m, attacked, side)
+        total, largest = float(clean[image].sum()), float(window_sums(clean[image:image + 1], k).max())
+        slack = 1.3 * FLOAT_TOLERANCE * (total + 1)  # the interval's widening for rounding
+        assert b[f"L{side}"] <= float(counts.min()) <= b[f"L{side}"] + 2 * slack
+        assert b[f"L{side}"] > 1.3 * (total - 2 * largest) + 0.7 + 0.1  # tighter than the bound from 2 max S
 
 
 def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
@@ -317,7 +386,6 @@ def test_real_models_at_the_default_sides_stay_inside(name, shared_dir):
 def test_intervals_hold_for_an_image_counted_in_any_batch(shared_dir):
     """The same image certified alone and counted (attacked) inside a batch of 48: float rounding differs with the
     batch, and the intervals' tolerance absorbs it."""
-    from utils.rf_certify import FLOAT_TOLERANCE
 
     gen = torch.Generator().manual_seed(6)
     model = build("mcnn", shared_dir / "weights" / "mcnn_shtechA_660.h5").eval()

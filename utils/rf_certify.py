@@ -8,9 +8,14 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
   C' ∈ [C − max S_w, C + max (dmax·|w| − S_w)] (S on the clipped map).
 - rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped at 0), and
   a ≥ 0, c constants per side. With w* the window the patch reaches: max S' ≥ S'_{w*} gives
-  u' ≤ T − S_{w*} ≤ T − min S; every S'_w ≤ S_w + S'_{w*} gives max S' ≤ max S + S'_{w*}, so u' ≥ T − 2 max S.
-  M is non-decreasing in u, so M' ∈ [a(T − 2 max S) + c, a(T − min S) + c]. The refill M − u = (a − 1)u + c
-  depends on the image (through u) and is bounded by the same proof.
+  u' ≤ T − S_{w*} ≤ T − min S. Below: T' = T − S_{w*} + S'_{w*}, and for every window w the attacked cells of w lie
+  in w ∩ w*, whose attacked sum is at most S'_{w*} (cells ≥ 0), so S'_w ≤ S_w − S_{w∩w*} + S'_{w*} and
+  u' = T' − max_w S'_w ≥ T − max_w (S_{w*} + S_w − S_{w∩w*}) = T − max_w S_{w∪w*} ≥ T − P, with P the most mass in
+  the union of any two windows (`densest_pair`; P ≤ 2 max S). M is non-decreasing in u, so
+  M' ∈ [a(T − P) + c, a(T − min S) + c]. Both ends are attained: a patch at the sparsest window that makes it the
+  densest gives u' = T − min S; one at w* that writes a large mass into w ∩ w* for the pair (w, w*) of P (or zeroes
+  w* when the two are disjoint) gives u' = T − P. The refill M − u = (a − 1)u + c depends on the image (through u)
+  and is bounded by the same proof.
 
 Both hold for every placement and every patch content, with no probability of failure. dmax (a high quantile of the
 cells) and a, c come from a train split (`calibrate`): the `constant` refill is a = 1 with c the mean of max S_w; the
@@ -48,6 +53,7 @@ DMAX_QUANTILE = 0.999
 # rf-mask's (a, c): a = 1 and a mean (default), fitted on the split, or per side whichever of the two certifies the
 # split's held-out tenth better
 REFILLS = ("constant", "fitted", "validated")
+PAIR_CHUNK = 1 << 23  # float64 elements per step of `densest_pair` (64 MiB)
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
 
 
@@ -63,6 +69,61 @@ def window_sums(density: torch.Tensor, w: int, integral: torch.Tensor | None = N
     kh, kw = min(w, density.shape[-2]), min(w, density.shape[-1])
     c = integral_image(density) if integral is None else integral
     return c[:, kh:, kw:] - c[:, :-kh, kw:] - c[:, kh:, :-kw] + c[:, :-kh, :-kw]
+
+
+def _running_max(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """out[..., j] = max of x[..., j + before .. j + after] along the last axis (−inf where that is empty)."""
+    n = x.shape[-1]
+    padded = F.pad(x, (max(0, -before), max(0, after)), value=-torch.inf)
+    start = before + max(0, -before)
+    return padded[..., start:start + n + after - before].unfold(-1, after - before + 1, 1).amax(-1)
+
+
+def densest_pair(density: torch.Tensor, w: int, integral: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) the most mass of `density` (N, 1, h, w') in the union of two w×w windows inside the map (the same
+    window twice included; w clipped to the map's sides as in `window_sums`), and (N,) the flat index, in
+    `window_sums`' layout, of one window of a pair that has it.
+
+    Disjoint pairs come from running maxima of the window sums per row and per column of windows. An overlapping
+    pair p = (i, j), q = (i + di, j + dj), 0 ≤ di < kh, shares the rows i + di .. i + kh − 1 (their column sums
+    up to column m: R[m]) and the columns j + max(dj, 0) .. j + kw + min(dj, 0) − 1, so its union is
+    S_p + (S_q − R[j + kw] + R[j + dj]) for dj ≥ 0 and S_p + (R[j] + S_q − R[j + dj + kw]) for dj < 0: per di, a
+    running maximum over dj of a term in j + dj alone, for as many di at once as `PAIR_CHUNK` allows (a few kernels
+    per side on a GPU)."""
+    integral = integral_image(density) if integral is None else integral
+    sums = window_sums(density, w, integral)
+    n, rows, cols = sums.shape
+    kh, kw = min(w, density.shape[-2]), min(w, density.shape[-1])
+    best, at = sums.flatten(1).max(dim=1)
+
+    def keep(value: torch.Tensor, where: torch.Tensor) -> None:
+        nonlocal best, at
+        better = value > best
+        best, at = torch.where(better, value, best), torch.where(better, where, at)
+
+    flat = torch.arange(rows * cols, device=sums.device).view(rows, cols)
+    for dim, k in ((2, kh), (1, kw)):  # pairs apart along rows (first), then along columns, of windows
+        line = sums.amax(dim)
+        if line.shape[1] > k:
+            value, first = (line + _running_max(line, k, line.shape[1])).max(dim=1)
+            picked = sums[torch.arange(n), first] if dim == 2 else sums[torch.arange(n), :, first]
+            other = picked.argmax(dim=1)
+            keep(value, flat[first, other] if dim == 2 else flat[other, first])
+    # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), row offsets in chunks of bounded memory
+    step = max(1, PAIR_CHUNK // (n * rows * (cols + kw)))
+    bottom = integral[:, kh:kh + rows, None]  # R = bottom − (integral's row i + di): (N, rows, offsets, columns + 1)
+    padded = F.pad(sums, (0, 0, 0, kh), value=-torch.inf)  # q below the last row of windows: no pair
+    for first in range(0, min(kh, rows), step):
+        offsets = min(step, kh - first, rows - first)
+        shared = bottom - integral[:, first:first + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3)
+        q, top = padded[:, first:first + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3), sums[:, :, None]
+        union = top - shared[..., kw:] + _running_max(q + shared[..., :cols], 0, kw - 1)  # dj ≥ 0
+        if kw > 1:  # dj < 0
+            union = torch.maximum(union, top + shared[..., :cols] + _running_max(q - shared[..., kw:], 1 - kw, -1))
+        value, where = union.flatten(1).max(dim=1)
+        keep(value, where // (offsets * cols) * cols + where % cols)
+    return best, at
 
 
 @dataclass(frozen=True)
@@ -169,16 +230,17 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
         raise ToolkitError(f"unknown refill {refill!r}; choose from {', '.join(REFILLS)}")
     if refill == "validated" and len(dataset) < 2:
         raise ToolkitError(f"--refill validated holds out part of the calibration split: {dataset.root} has one image")
-    cells, rows = [], []  # rows: per image (index, gt, T, then max and min S_w per side)
+    cells, rows = [], []  # rows: per image (index, gt, T, then max S_w, min S_w and the densest pair per side)
     for indices, (images, _, counts) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
         with autocast(device, amp):
             density = model(images.to(device)).float().clamp_min(0)
         cells.append(density.flatten().cpu().numpy())
         columns = [torch.tensor(indices, dtype=torch.float64, device=device), counts.double().to(device),
                    density.double().sum((1, 2, 3))]
+        integral = integral_image(density)
         for s in sides:
-            sums = window_sums(density, rf.window(s)).flatten(1)
-            columns += [sums.amax(1), sums.amin(1)]
+            sums = window_sums(density, rf.window(s), integral).flatten(1)
+            columns += [sums.amax(1), sums.amin(1), densest_pair(density, rf.window(s), integral)[0]]
         rows += torch.stack(columns, 1).cpu().tolist()
     cells = distributed.gather(cells)  # under torchrun each rank saw its share of the images
     rows = np.array(sorted(distributed.gather(rows)))  # by image: any order of the batches gives the same constants
@@ -190,8 +252,8 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
     held = np.isin(rows[:, 0], held_indices)
     c, slope, validation = {}, {}, {}
     for k, s in enumerate(sides):
-        largest, smallest = rows[:, 3 + 2 * k], rows[:, 4 + 2 * k]
-        low, high = total - 2 * largest, total - smallest
+        largest, smallest, pair = rows[:, 3 + 3 * k], rows[:, 4 + 3 * k], rows[:, 5 + 3 * k]
+        low, high = total - pair, total - smallest
         chosen = refill
         if refill == "validated":
             rest = ~held
@@ -321,8 +383,8 @@ class RFClipCertifier(_WindowCertifier):
 
 
 class RFMaskCertifier(_WindowCertifier):
-    """rf-mask: per side s its own counter, the total minus the densest window plus c_s, with its interval; the
-    window it masks is also where a patch hides the most, the sparsest where it adds the most."""
+    """rf-mask: per side s its own counter, a·(the total minus the densest window) + c_s, with its interval; a patch
+    hides the most at one window of the densest pair (L), adds the most at the sparsest window (U)."""
 
     method = "rf-mask"
     count_per_side = True
@@ -357,9 +419,10 @@ class RFMaskCertifier(_WindowCertifier):
     def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
         a, c = self._refill(side)
         sums, total = window_sums(density, self.rf.window(side), integral).flatten(1), integral[:, -1, -1]
-        largest, hide_at = sums.max(dim=1)
+        largest = sums.amax(dim=1)
         smallest, add_at = sums.min(dim=1)
-        return {"total": total, f"count{side}": a * (total - largest) + c, f"L{side}": a * (total - 2 * largest) + c,
+        pair, hide_at = densest_pair(density, self.rf.window(side), integral)
+        return {"total": total, f"count{side}": a * (total - largest) + c, f"L{side}": a * (total - pair) + c,
                 f"U{side}": a * (total - smallest) + c, f"hide{side}": hide_at, f"add{side}": add_at}
 
     def settings(self) -> dict:
