@@ -7,15 +7,16 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
 - rf-clip: the counter C = Σ clamp(d, 0, dmax). The window's cells stay in [0, dmax] under attack, so
   C' ∈ [C − max S_w, C + max (dmax·|w| − S_w)] (S on the clipped map).
 - rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped at 0), and
-  a ≥ 0, c constants per side. With w* the window the patch reaches: max S' ≥ S'_{w*} gives
+  a ≥ 0, c constants per side. With w* a window of the map holding every cell the patch reaches (one exists: the
+  reach spans at most w cells per axis, a window min(w, side)): max S' ≥ S'_{w*} gives
   u' ≤ T − S_{w*} ≤ T − min S. Below: T' = T − S_{w*} + S'_{w*}, and for every window w the attacked cells of w lie
   in w ∩ w*, whose attacked sum is at most S'_{w*} (cells ≥ 0), so S'_w ≤ S_w − S_{w∩w*} + S'_{w*} and
   u' = T' − max_w S'_w ≥ T − max_w (S_{w*} + S_w − S_{w∩w*}) = T − max_w S_{w∪w*} ≥ T − P, with P the most mass in
   the union of any two windows (`densest_pair`; P ≤ 2 max S). M is non-decreasing in u, so
-  M' ∈ [a(T − P) + c, a(T − min S) + c]. Both ends are attained: a patch at the sparsest window that makes it the
-  densest gives u' = T − min S; one at w* that writes a large mass into w ∩ w* for the pair (w, w*) of P (or zeroes
-  w* when the two are disjoint) gives u' = T − P. The refill M − u = (a − 1)u + c depends on the image (through u)
-  and is bounded by the same proof.
+  M' ∈ [a(T − P) + c, a(T − min S) + c]. Both ends are attained by some values of the reached cells (what a real
+  network lets a patch write is narrower): making the sparsest window the densest gives u' = T − min S; writing a
+  large mass into w ∩ w* for the pair (w, w*) of P (or zeroing w* when the two are disjoint) gives u' = T − P.
+  The refill M − u = (a − 1)u + c depends on the image (through u) and is bounded by the same proof.
 
 Both hold for every placement and every patch content, with no probability of failure. dmax (a high quantile of the
 cells) and a, c come from a train split (`calibrate`): the `constant` refill is a = 1 with c the mean of max S_w; the
@@ -26,8 +27,9 @@ max(|L − gt|, |U − gt|), a linear programme (`fit_refill`), which also undoe
 The side s certified is the patch's extent (`PatchSpec.extent_side`): every pixel the toolkit's patch can change, under
 every rotation, scale, sub-pixel placement and its bilinear rim, lies in one axis-aligned s×s square. The certified
 counts are computed in float32 (no autocast, no TF32: `utils.runtime.float32`), and each interval is widened by
-`FLOAT_TOLERANCE` × (T + 1): the cells a patch cannot reach keep their clean values only up to float rounding, which
-differs with the batch an image is counted in (measured: about 1e-9 relative for MCNN between batches of 1 and 48).
+`FLOAT_TOLERANCE` × (T + 1), times a where a > 1: the cells a patch cannot reach keep their clean values only up to
+float rounding, which differs with the batch an image is counted in (measured: about 1e-9 relative for MCNN between
+batches of 1 and 48).
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ def densest_pair(density: torch.Tensor, w: int, integral: torch.Tensor | None = 
             other = picked.argmax(dim=1)
             keep(value, flat[first, other] if dim == 2 else flat[other, first])
     # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), row offsets in chunks of bounded memory
-    step = max(1, PAIR_CHUNK // (n * rows * (cols + kw)))
+    step = max(1, PAIR_CHUNK // max(1, n * rows * (cols + kw)))
     bottom = integral[:, kh:kh + rows, None]  # R = bottom − (integral's row i + di): (N, rows, offsets, columns + 1)
     padded = F.pad(sums, (0, 0, 0, kh), value=-torch.inf)  # q below the last row of windows: no pair
     for first in range(0, min(kh, rows), step):
