@@ -116,10 +116,10 @@ def densest_pair(density: torch.Tensor, w: int, integral: torch.Tensor | None = 
     step = max(1, PAIR_CHUNK // max(1, n * rows * (cols + kw)))
     bottom = integral[:, kh:kh + rows, None]  # R = bottom − (integral's row i + di): (N, rows, offsets, columns + 1)
     padded = F.pad(sums, (0, 0, 0, kh), value=-torch.inf)  # q below the last row of windows: no pair
-    for first in range(0, min(kh, rows), step):
-        offsets = min(step, kh - first, rows - first)
-        shared = bottom - integral[:, first:first + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3)
-        q, top = padded[:, first:first + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3), sums[:, :, None]
+    for di in range(0, min(kh, rows), step):  # offsets di .. di + offsets − 1 at once
+        offsets = min(step, kh - di, rows - di)
+        shared = bottom - integral[:, di:di + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3)
+        q, top = padded[:, di:di + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3), sums[:, :, None]
         union = top - shared[..., kw:] + _running_max(q + shared[..., :cols], 0, kw - 1)  # dj ≥ 0
         if kw > 1:  # dj < 0
             union = torch.maximum(union, top + shared[..., :cols] + _running_max(q - shared[..., kw:], 1 - kw, -1))
