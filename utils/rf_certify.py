@@ -104,14 +104,13 @@ def densest_pair(density: torch.Tensor, w: int, integral: torch.Tensor | None = 
         better = value > best
         best, at = torch.where(better, value, best), torch.where(better, where, at)
 
-    flat = torch.arange(rows * cols, device=sums.device).view(rows, cols)
     for dim, k in ((2, kh), (1, kw)):  # pairs apart along rows (first), then along columns, of windows
         line = sums.amax(dim)
         if line.shape[1] > k:
             value, first = (line + _running_max(line, k, line.shape[1])).max(dim=1)
             picked = sums[torch.arange(n), first] if dim == 2 else sums[torch.arange(n), :, first]
             other = picked.argmax(dim=1)
-            keep(value, flat[first, other] if dim == 2 else flat[other, first])
+            keep(value, first * cols + other if dim == 2 else other * cols + first)
     # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), row offsets in chunks of bounded memory
     step = max(1, PAIR_CHUNK // max(1, n * rows * (cols + kw)))
     bottom = integral[:, kh:kh + rows, None]  # R = bottom − (integral's row i + di): (N, rows, offsets, columns + 1)
