@@ -200,6 +200,27 @@ def test_rf_mask_lower_end_is_attained_and_never_crossed():
         assert b[f"L{side}"] > 1.3 * (total - 2 * largest) + 0.7 + 0.1  # tighter than the bound from 2 max S
 
 
+
+@pytest.mark.parametrize("spike", [1e30, 3e38])
+def test_rf_mask_count_of_a_map_with_an_extreme_cell_is_the_mass_outside_its_window(spike):
+    """An attacked map may hold one value far above the rest: the counter masks the window holding it, so its count
+    is a·(the mass outside that window) + c, not T − max S (which cancels to 0), and its density map sums to the
+    same, with no inf · 0 from the masked cell (a·3e38 overflows float32)."""
+    rf, side = ReceptiveField(5, 1, -2), 1
+    k = rf.window(side)
+    clean = torch.rand(2, 1, 9, 11, generator=torch.Generator().manual_seed(5)) + 0.5
+    attacked = clean.clone()
+    attacked[:, 0, 4, 5] = spike
+    a, c = 1.3, 0.7
+    certifier = RFMaskCertifier(rf, Calibration(1.0, {side: c}, slope={side: a}))
+    counts = certifier.counts(lambda _, m=attacked: m, attacked, side)
+    mapped = certifier.post(attacked, side).double().sum(dim=(1, 2, 3))
+    for image, (count, summed) in enumerate(zip(counts.tolist(), mapped.tolist(), strict=True)):
+        outside = [float(clean[image].sum() - clean[image, :, i:i + k, j:j + k].sum())
+                   for i, j in _windows(9, 11, k) if i <= 4 < i + k and j <= 5 < j + k]
+        assert a * min(outside) + c - TOL <= count <= a * max(outside) + c + TOL, (count, outside)
+        assert summed == pytest.approx(count, rel=1e-5)
+
 def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
     from datasets.crowd import CrowdDataset
 

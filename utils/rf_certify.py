@@ -29,7 +29,8 @@ every rotation, scale, sub-pixel placement and its bilinear rim, lies in one axi
 counts are computed in float32 (no autocast, no TF32: `utils.runtime.float32`), and each interval is widened by
 `FLOAT_TOLERANCE` × (T + 1), times a where a > 1: the cells a patch cannot reach keep their clean values only up to
 float rounding, which differs with the batch an image is counted in (measured: about 1e-9 relative for MCNN between
-batches of 1 and 48).
+batches of 1 and 48). rf-mask's count itself sums the cells outside the window rather than subtracting max S from
+T, which cancels on an attacked map with a few huge cells.
 """
 from __future__ import annotations
 
@@ -403,27 +404,35 @@ class RFMaskCertifier(_WindowCertifier):
     def _gain(self, side: int) -> float:
         return max(1.0, self._refill(side)[0])
 
-    def post(self, density: torch.Tensor, side: int) -> torch.Tensor:
-        """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
-        its densest window zeroed, times a, and c spread evenly. Differentiable almost everywhere (where the window is
-        fixed)."""
-        (a, c), density = self._refill(side), density.clamp_min(0)
+    def _outside_densest(self, density: torch.Tensor, side: int, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """`density` (≥ 0) with its densest window for `side` (the first, where several tie; from its window `sums`,
+        if already computed) set to 0. Masked, not subtracted: T − max S cancels when the window holds values far
+        above the rest (an attacked map), and a masked inf stays 0, not NaN."""
         n, _, h, w = density.shape
         kh, kw = min(self.rf.window(side), h), min(self.rf.window(side), w)
-        at = window_sums(density.detach(), self.rf.window(side)).flatten(1).argmax(dim=1)
+        sums = window_sums(density.detach(), self.rf.window(side)) if sums is None else sums
+        at = sums.flatten(1).argmax(dim=1)
         rows, cols = torch.arange(h, device=density.device), torch.arange(w, device=density.device)
         top, left = (at // (w - kw + 1)).view(n, 1, 1), (at % (w - kw + 1)).view(n, 1, 1)
         inside = ((rows.view(1, h, 1) >= top) & (rows.view(1, h, 1) < top + kh)
                   & (cols.view(1, 1, w) >= left) & (cols.view(1, 1, w) < left + kw))
-        return a * density * (~inside).unsqueeze(1) + c / (h * w)
+        return density.masked_fill(inside.unsqueeze(1), 0)
+
+    def post(self, density: torch.Tensor, side: int) -> torch.Tensor:
+        """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
+        its densest window zeroed, times a, and c spread evenly. Differentiable almost everywhere (where the window is
+        fixed)."""
+        a, c = self._refill(side)
+        h, w = density.shape[-2:]
+        return a * self._outside_densest(density.clamp_min(0), side) + c / (h * w)
 
     def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
         a, c = self._refill(side)
         sums, total = window_sums(density, self.rf.window(side), integral).flatten(1), integral[:, -1, -1]
-        largest = sums.amax(dim=1)
+        outside = self._outside_densest(density, side, sums).double().sum(dim=(1, 2, 3))
         smallest, add_at = sums.min(dim=1)
         pair, hide_at = densest_pair(density, self.rf.window(side), integral)
-        return {"total": total, f"count{side}": a * (total - largest) + c, f"L{side}": a * (total - pair) + c,
+        return {"total": total, f"count{side}": a * outside + c, f"L{side}": a * (total - pair) + c,
                 f"U{side}": a * (total - smallest) + c, f"hide{side}": hide_at, f"add{side}": add_at}
 
     def settings(self) -> dict:
