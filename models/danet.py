@@ -42,7 +42,9 @@ class DeformConv2D(nn.Module):
         self.conv_kernel = nn.Conv2d(cin, cout, 3, stride=3, bias=False)
 
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
-        return deform_conv2d(x, offset, self.conv_kernel.weight, padding=1)
+        # in float32 under any autocast: torchvision casts it so on CUDA, but has no bfloat16 kernel on the CPU
+        with torch.autocast(x.device.type, enabled=False):
+            return deform_conv2d(x.float(), offset.float(), self.conv_kernel.weight.float(), padding=1)
 
 
 class DANet(nn.Module):
