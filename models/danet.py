@@ -42,9 +42,10 @@ class DeformConv2D(nn.Module):
         self.conv_kernel = nn.Conv2d(cin, cout, 3, stride=3, bias=False)
 
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
-        # in float32 under any autocast: torchvision casts it so on CUDA, but has no bfloat16 kernel on the CPU
+        # at least float32 under any autocast: torchvision casts it so on CUDA, but has no bfloat16 kernel on the CPU
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.conv_kernel.weight.dtype), torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            return deform_conv2d(x.float(), offset.float(), self.conv_kernel.weight.float(), padding=1)
+            return deform_conv2d(x.to(dtype), offset.to(dtype), self.conv_kernel.weight.to(dtype), padding=1)
 
 
 class DANet(nn.Module):
