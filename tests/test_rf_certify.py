@@ -200,7 +200,6 @@ def test_rf_mask_lower_end_is_attained_and_never_crossed():
         assert b[f"L{side}"] > 1.3 * (total - 2 * largest) + 0.7 + 0.1  # tighter than the bound from 2 max S
 
 
-
 @pytest.mark.parametrize("spike", [1e30, 3e38])
 def test_rf_mask_count_of_a_map_with_an_extreme_cell_is_the_mass_outside_its_window(spike):
     """An attacked map may hold one value far above the rest: the counter masks the window holding it, so its count
@@ -220,6 +219,7 @@ def test_rf_mask_count_of_a_map_with_an_extreme_cell_is_the_mass_outside_its_win
                    for i, j in _windows(9, 11, k) if i <= 4 < i + k and j <= 5 < j + k]
         assert a * min(outside) + c - TOL <= count <= a * max(outside) + c + TOL, (count, outside)
         assert summed == pytest.approx(count, rel=1e-5)
+
 
 def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
     from datasets.crowd import CrowdDataset
