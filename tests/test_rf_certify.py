@@ -2,6 +2,7 @@
 into the cells a patch can reach, ever takes the certified counter outside [L, U]."""
 import dataclasses
 import json
+import math
 from dataclasses import asdict
 
 import numpy as np
@@ -215,11 +216,29 @@ def test_rf_mask_count_of_a_map_with_an_extreme_cell_is_the_mass_outside_its_win
     counts = certifier.counts(lambda _, m=attacked: m, attacked, side)
     mapped = certifier.post(attacked, side).double().sum(dim=(1, 2, 3))
     for image, (count, summed) in enumerate(zip(counts.tolist(), mapped.tolist(), strict=True)):
-        outside = [float(clean[image].sum() - clean[image, :, i:i + k, j:j + k].sum())
+        outside = [float(clean[image].double().sum() - clean[image, :, i:i + k, j:j + k].double().sum())
                    for i, j in _windows(9, 11, k) if i <= 4 < i + k and j <= 5 < j + k]
         assert a * min(outside) + c - TOL <= count <= a * max(outside) + c + TOL, (count, outside)
         assert summed == pytest.approx(count, rel=1e-5)
 
+
+
+@pytest.mark.parametrize("values", [(1e30, 1e13), (math.inf, 1.0), (math.nan, 1.0), (-math.inf, 5.0)],
+                         ids=["huge-beside-large", "inf", "nan", "-inf"])
+def test_whatever_a_patch_makes_the_network_write_both_counts_stay_in_their_intervals(values):
+    """Two cells one patch reaches set to anything a float holds: each certified count stays in its interval. With
+    1e30 and 1e13 every window holding the first sums, in float64, to 1e30 alone; uncapped, rf-mask masked the first
+    such window, which misses the 1e13 cell, and counted it."""
+    rf, side = ReceptiveField(5, 1, -2), 1
+    clean = torch.rand(1, 1, 9, 11, generator=torch.Generator().manual_seed(6)) + 0.5
+    attacked = clean.clone()
+    attacked[0, 0, 4, 5], attacked[0, 0, 4, 7] = values  # both in the 5×5 window at (0, 3), not in the first at (0, 1)
+    calibration = Calibration(2.0, {side: 0.7}, slope={side: 1.3})
+    for certifier in (RFMaskCertifier(rf, calibration), RFClipCertifier(rf, calibration)):
+        bounds = certifier.certify_batch(lambda _, m=clean: m, clean, [side])[0]
+        count = float(certifier.counts(lambda _, m=attacked: m, attacked, side)[0])
+        assert bounds[f"L{side}"] <= count <= bounds[f"U{side}"], (certifier.method, count, bounds)
+        assert float(certifier.post(attacked, side).double().sum()) == pytest.approx(count, rel=1e-5)
 
 def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
     from datasets.crowd import CrowdDataset

@@ -6,7 +6,7 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
 
 - rf-clip: the counter C = Σ clamp(d, 0, dmax). The window's cells stay in [0, dmax] under attack, so
   C' ∈ [C − max S_w, C + max (dmax·|w| − S_w)] (S on the clipped map).
-- rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped at 0), and
+- rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped at 0 and at `CELL_CAP`), and
   a ≥ 0, c constants per side. With w* a window of the map holding every cell the patch reaches (one exists: the
   reach spans at most w cells per axis, a window min(w, side)): max S' ≥ S'_{w*} gives
   u' ≤ T − S_{w*} ≤ T − min S. Below: T' = T − S_{w*} + S'_{w*}, and for every window w the attacked cells of w lie
@@ -31,6 +31,13 @@ counts are computed in float32 (no autocast, no TF32: `utils.runtime.float32`), 
 float rounding, which differs with the batch an image is counted in (measured: about 1e-9 relative for MCNN between
 batches of 1 and 48). rf-mask's count itself sums the cells outside the window rather than subtracting max S from
 T, which cancels on an attacked map with a few huge cells.
+
+Both counters count each cell of the model's density as clamped to [0, `CELL_CAP`] (rf-clip: [0, dmax]), NaN as the
+cap: whatever a patch makes the network write, every cell stays finite and the proofs above hold as written. The cap
+also keeps the float64 window sums of an attacked map at most T + `CELL_CAP`·|window|, so their rounding cannot hide
+one reached cell beside another: rf-mask's argmax then picks a window at least as dense as w*, up to far less than
+the widening (uncapped, 1e30 and 1e13 in one window rounded to the sum of 1e30 alone, and the first window holding
+the 1e30 cell, not the 1e13 one, was masked: a count of 1.3e13 above U).
 """
 from __future__ import annotations
 
@@ -58,6 +65,14 @@ DMAX_QUANTILE = 0.999
 REFILLS = ("constant", "fitted", "validated")
 PAIR_CHUNK = 1 << 23  # float64 elements per step of `densest_pair` (64 MiB)
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
+# people per output cell the certified counters count at most: far above any crowd (a cell covers 16 to 64 px²), and
+# finite
+CELL_CAP = 1e3
+
+
+def bounded(density: torch.Tensor, high: float = CELL_CAP) -> torch.Tensor:
+    """`density` with every cell in [0, `high`], NaN counted as `high`: what the certified counters count."""
+    return density.nan_to_num(nan=high).clamp(0, high)
 
 
 def integral_image(density: torch.Tensor) -> torch.Tensor:
@@ -235,7 +250,7 @@ def calibrate(model, dataset: CrowdDataset, rf: ReceptiveField, sides: list[int]
     cells, rows = [], []  # rows: per image (index, gt, T, then max S_w, min S_w and the densest pair per side)
     for indices, (images, _, counts) in progress(EqualSizeBatches(dataset, batch_size, shard=True), "calibrate"):
         with autocast(device, amp):
-            density = model(images.to(device)).float().clamp_min(0)
+            density = bounded(model(images.to(device)).float())
         cells.append(density.flatten().cpu().numpy())
         columns = [torch.tensor(indices, dtype=torch.float64, device=device), counts.double().to(device),
                    density.double().sum((1, 2, 3))]
@@ -361,7 +376,7 @@ class RFClipCertifier(_WindowCertifier):
     def post(self, density: torch.Tensor, side: int | None = None) -> torch.Tensor:
         """The certified counter as a density map (its sum is the count): the model's density clipped to [0, dmax].
         Differentiable, so a patch can be optimised against the counter itself."""
-        return density.clamp(0, self.calibration.dmax)
+        return bounded(density, self.calibration.dmax)
 
     def density(self, model, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
         return self.post(self.forward(model, images))
@@ -399,7 +414,7 @@ class RFMaskCertifier(_WindowCertifier):
         return self.calibration.slope.get(side, 1.0), self.calibration.c[side]
 
     def _clean(self, model, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(model, images).clamp_min(0)
+        return bounded(self.forward(model, images))
 
     def _gain(self, side: int) -> float:
         return max(1.0, self._refill(side)[0])
@@ -419,12 +434,12 @@ class RFMaskCertifier(_WindowCertifier):
         return density.masked_fill(inside.unsqueeze(1), 0)
 
     def post(self, density: torch.Tensor, side: int) -> torch.Tensor:
-        """The counter for `side` as a density map (its sum is the count): the model's density, clamped at 0, with
+        """The counter for `side` as a density map (its sum is the count): the model's density, `bounded`, with
         its densest window zeroed, times a, and c spread evenly. Differentiable almost everywhere (where the window is
         fixed)."""
         a, c = self._refill(side)
         h, w = density.shape[-2:]
-        return a * self._outside_densest(density.clamp_min(0), side) + c / (h * w)
+        return a * self._outside_densest(bounded(density), side) + c / (h * w)
 
     def _columns(self, density: torch.Tensor, integral: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
         a, c = self._refill(side)
