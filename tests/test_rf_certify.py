@@ -1,6 +1,7 @@
 """Receptive-field certificates are sound: no patch content, placement or optimised attack, and no values written
 into the cells a patch can reach, ever takes the certified counter outside [L, U]."""
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import asdict
@@ -158,18 +159,26 @@ def _union(density: torch.Tensor, k: int, *tops: tuple[int, int]) -> float:
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_densest_pair_is_the_most_mass_in_the_union_of_two_windows(chunk, monkeypatch):
     """Against the definition: every pair of windows, the union's cells summed one by one (maps narrower than the
-    window included), and the window it names belongs to such a pair; all row offsets at once and one at a time."""
+    window included), and the window it names belongs to such a pair; all row offsets at once and one at a time;
+    scattered cells, and one dense cluster over faint ones (a crowd: most rows of windows cannot hold a better
+    pair, and are skipped)."""
     if chunk:
         monkeypatch.setattr("utils.rf_certify.PAIR_CHUNK", chunk)
     gen = torch.Generator().manual_seed(3)
-    for h, w, k in ((7, 9, 3), (5, 12, 4), (8, 3, 5), (2, 2, 3), (10, 10, 1), (6, 11, 6)):
+    shapes = ((7, 9, 3), (5, 12, 4), (8, 3, 5), (2, 2, 3), (10, 10, 1), (6, 11, 6), (16, 13, 3), (15, 20, 4))
+    for (h, w, k), clustered in itertools.product(shapes, (False, True)):
         density = torch.rand(3, 1, h, w, generator=gen) * (torch.rand(3, 1, h, w, generator=gen) > 0.6)
+        if clustered:
+            density = density / 20
+            density[:, :, h // 3:h // 3 + 3, w // 2:w // 2 + 4] += torch.rand(3, 1, min(3, h - h // 3),
+                                                                               min(4, w - w // 2), generator=gen) + 1
         windows = _windows(h, w, k)
         pair, at = densest_pair(density, k)
         for image, one in enumerate(density[:, 0]):
             most = max(_union(one, k, p, q) for p in windows for q in windows)
             assert float(pair[image]) == pytest.approx(most, abs=1e-12), (h, w, k)
             assert max(_union(one, k, windows[int(at[image])], q) for q in windows) == pytest.approx(most, abs=1e-12)
+    assert densest_pair(torch.zeros(2, 1, 6, 7), 3)[0].tolist() == [0, 0]  # no row of windows can beat a single one
 
 
 def test_rf_mask_lower_end_is_attained_and_never_crossed():

@@ -127,19 +127,24 @@ def densest_pair(density: torch.Tensor, w: int, integral: torch.Tensor | None = 
             picked = sums[torch.arange(n), first] if dim == 2 else sums[torch.arange(n), :, first]
             other = picked.argmax(dim=1)
             keep(value, first * cols + other if dim == 2 else other * cols + first)
-    # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), row offsets in chunks of bounded memory
-    step = max(1, PAIR_CHUNK // max(1, n * rows * (cols + kw)))
-    bottom = integral[:, kh:kh + rows, None]  # R = bottom − (integral's row i + di): (N, rows, offsets, columns + 1)
+    # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), for the rows of p where S_p + max S can
+    # beat the best pair so far (most rows, on a real crowd), row offsets in chunks of bounded memory
+    live = (sums.amax(2) + sums.flatten(1).amax(1, keepdim=True) > best[:, None]).any(0).nonzero().flatten()
+    if not len(live):  # e.g. a map of zeros
+        return best, at
+    step = max(1, PAIR_CHUNK // max(1, n * len(live) * (cols + kw)))
+    bottom = integral[:, kh + live, None]  # R = bottom − (integral's row i + di): (N, live rows, offsets, columns + 1)
     padded = F.pad(sums, (0, 0, 0, kh), value=-torch.inf)  # q below the last row of windows: no pair
+    top = sums[:, live, None]
     for di in range(0, min(kh, rows), step):  # offsets di .. di + offsets − 1 at once
         offsets = min(step, kh - di, rows - di)
-        shared = bottom - integral[:, di:di + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3)
-        q, top = padded[:, di:di + rows + offsets - 1].unfold(1, offsets, 1).transpose(2, 3), sums[:, :, None]
+        below = live[:, None] + di + torch.arange(offsets, device=live.device)  # q's rows: (live rows, offsets)
+        shared, q = bottom - integral[:, below], padded[:, below]
         union = top - shared[..., kw:] + _running_max(q + shared[..., :cols], 0, kw - 1)  # dj ≥ 0
         if kw > 1:  # dj < 0
             union = torch.maximum(union, top + shared[..., :cols] + _running_max(q - shared[..., kw:], 1 - kw, -1))
         value, where = union.flatten(1).max(dim=1)
-        keep(value, where // (offsets * cols) * cols + where % cols)
+        keep(value, live[where // (offsets * cols)] * cols + where % cols)
     return best, at
 
 
