@@ -6,9 +6,9 @@ other cell keeps its clean value. With S_w the sums of the clean density over al
 
 - rf-clip: the counter C = Σ clamp(d, 0, dmax). The window's cells stay in [0, dmax] under attack, so
   C' ∈ [C − max S_w, C + max (dmax·|w| − S_w)] (S on the clipped map).
-- rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped at 0 and at `CELL_CAP`), and
-  a ≥ 0, c constants per side. With w* a window of the map holding every cell the patch reaches (one exists: the
-  reach spans at most w cells per axis, a window min(w, side)): max S' ≥ S'_{w*} gives
+- rf-mask: the counter M = a·u + c with u = T − max S_w, the count outside the densest window (d clamped to
+  [0, `CELL_CAP`]), and a ≥ 0, c constants per side. With w* a window of the map holding every cell the patch
+  reaches (one exists: the reach spans at most w cells per axis, a window min(w, side)): max S' ≥ S'_{w*} gives
   u' ≤ T − S_{w*} ≤ T − min S. Below: T' = T − S_{w*} + S'_{w*}, and for every window w the attacked cells of w lie
   in w ∩ w*, whose attacked sum is at most S'_{w*} (cells ≥ 0), so S'_w ≤ S_w − S_{w∩w*} + S'_{w*} and
   u' = T' − max_w S'_w ≥ T − max_w (S_{w*} + S_w − S_{w∩w*}) = T − max_w S_{w∪w*} ≥ T − P, with P the most mass in
