@@ -276,6 +276,7 @@ def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
     for bad, message in (({"slope": {"10": float("inf"), "20": 1.0}}, "slope of side 10 must be a finite number"),
                          ({"c": {"10": "2.5", "20": 1.0}}, "c of side 10 must be a finite number"),
                          ({"dmax": True}, "dmax must be a finite number"), ({"dmax": -1.0}, "dmax must be positive"),
+                         ({"dmax": 1e39}, "at most 1000 \\(the cap on a cell\\)"),
                          ({"quantile": 5}, "the quantile in"), ({"refill": "bogus"}, "unknown refill"),
                          ({"slope": {"10": 1.0}}, "a slope for every side"),
                          ({"slope": {"10": 1.0, "20": 1.0, "30": 1.0}}, "a slope for a side with no intercept")):

@@ -190,8 +190,9 @@ class Calibration:
 
     def check(self) -> None:
         """Raise ValueError unless every constant is one the certificates hold for."""
-        if not self.dmax > 0 or not 0 < self.quantile <= 1:
-            raise ValueError(f"dmax must be positive and the quantile in (0, 1], got {self.dmax} and {self.quantile}")
+        if not 0 < self.dmax <= CELL_CAP or not 0 < self.quantile <= 1:
+            raise ValueError(f"dmax must be positive and at most {CELL_CAP:g} (the cap on a cell), and the quantile in "
+                             f"(0, 1], got {self.dmax} and {self.quantile}")
         if self.refill not in REFILLS:
             raise ValueError(f"unknown refill {self.refill!r}")
         if any(a < 0 for a in self.slope.values()):
