@@ -65,8 +65,8 @@ DMAX_QUANTILE = 0.999
 REFILLS = ("constant", "fitted", "validated")
 PAIR_CHUNK = 1 << 23  # float64 elements per step of `densest_pair` (64 MiB)
 FLOAT_TOLERANCE = 1e-5  # relative to the clean count: 10^4 times the rounding measured across batch sizes
-# people per output cell the certified counters count at most: far above any crowd (a cell covers 16 to 64 px²), and
-# finite
+# the most people the certified counters count in one output cell (a cell covers 16 to 64 px²): far above any crowd,
+# and finite
 CELL_CAP = 1e3
 
 
@@ -127,8 +127,9 @@ def densest_pair(density: torch.Tensor, w: int, integral: torch.Tensor | None = 
             picked = sums[torch.arange(n), first] if dim == 2 else sums[torch.arange(n), :, first]
             other = picked.argmax(dim=1)
             keep(value, first * cols + other if dim == 2 else other * cols + first)
-    # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), for the rows of p where S_p + max S can
-    # beat the best pair so far (most rows, on a real crowd), row offsets in chunks of bounded memory
+    # q = p + (di, dj) with 0 ≤ di < kh (a pair in either order is one pair), only for the rows of p where S_p + max S
+    # can beat the best pair so far (their union is at most that: on a real crowd a few rows), row offsets in chunks
+    # of bounded memory
     live = (sums.amax(2) + sums.flatten(1).amax(1, keepdim=True) > best[:, None]).any(0).nonzero().flatten()
     if not len(live):  # e.g. a map of zeros
         return best, at
