@@ -221,16 +221,25 @@ def test_resume_refuses_contradicting_flags_and_records_a_longer_run(tiny_crowds
     assert load_checkpoint(tmp_path / "last.pt")["args"]["epochs"] == 3
 
 
-def test_no_test_leaves_the_test_split_unscored_and_a_resumed_run_may_score_it(tiny_crowds, tmp_path):
+def test_no_test_leaves_the_test_split_unscored_also_when_the_run_is_resumed(tiny_crowds, tmp_path):
     summary = train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "1",
                                                                   "--no-test")))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert not (tmp_path / "per_image.csv").exists()
     assert "mae" not in saved and "test_images" not in saved and summary["validation"]["mae"] >= 0
     assert saved["checkpoint"] == "best.pt" and json.loads((tmp_path / "args.json").read_text())["score_test"] is False
-    # whether the end scores the test split does not change what is trained: a resumed run may ask for it
+    # a candidate resumed with no flags stays a candidate: its test split unscored
     summary = train.main(train.get_args_parser().parse_args(["--out", str(tmp_path), "--resume", "--epochs", "2"]))
-    assert summary["test_images"] == 3 and (tmp_path / "per_image.csv").is_file()
+    assert "test_images" not in summary and not (tmp_path / "per_image.csv").exists()
+    assert json.loads((tmp_path / "args.json").read_text())["score_test"] is False
+
+
+def test_a_run_that_scores_the_test_split_may_be_resumed_with_no_test(tiny_crowds, tmp_path):
+    train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path, "--epochs", "1")))
+    (tmp_path / "per_image.csv").unlink()
+    summary = train.main(train.get_args_parser().parse_args(["--out", str(tmp_path), "--resume", "--epochs", "2",
+                                                             "--no-test"]))
+    assert "test_images" not in summary and not (tmp_path / "per_image.csv").exists()
 
 
 def test_a_run_from_before_the_validation_part_resumes_on_its_whole_train_split(tiny_crowds, tmp_path, cli_error):

@@ -21,8 +21,10 @@ from utils.io import load_checkpoint, load_json, plain, save_json
 
 RECORD = "args.json"
 # Where and how a run executes, not what it computes: these may differ when a run is resumed.
-RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile",
-                         "score_test"})
+RUN_CONTROL = frozenset({"out", "resume", "overwrite", "device", "workers", "figure_format", "compile"})
+# Recorded settings a resumed run may still change when the flag is given: `--no-test` (a run that would score the
+# test split may stop short of it; one that would not keeps it unscored: evaluate.py scores a chosen checkpoint)
+MAY_CHANGE_ON_RESUME = frozenset({"score_test"})
 # Settings a run recorded before the flag existed had this value: such a run resumes as it started
 # what a run recorded before each flag existed meant: no validation part, no count term, uniform crops, the default
 # SmallField
@@ -85,8 +87,8 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """`args` with every setting taken from the run in `args.out`: from its checkpoint (last.pt), or for a script
     whose parser says `resume_from = "args.json"` (one that resumes from results saved as it goes, not from a
     checkpoint) from its record; a flag given on the command line that contradicts the recorded value is an error,
-    except a larger `--epochs`, which extends it, and a repeatable flag (e.g. compare_defenses.py's --row), whose
-    new values are added to the recorded ones."""
+    except a larger `--epochs`, which extends it, `--no-test` (`MAY_CHANGE_ON_RESUME`), and a repeatable flag (e.g.
+    compare_defenses.py's --row), whose new values are added to the recorded ones."""
     source = getattr(parser, "resume_from", "last.pt")
     if args.out is None:
         raise ToolkitError(f"--resume needs --out, the run folder holding {source}")
@@ -110,6 +112,8 @@ def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 raise ToolkitError(f"{_flag(action)} adds to what the run being resumed recorded, and it recorded "
                                    f"none ({args.out / source}): start a new run with every {_flag(action)} it needs")
             setattr(merged, dest, old + [v for v in new if v not in old])
+        elif dest in MAY_CHANGE_ON_RESUME:
+            setattr(merged, dest, new)
         elif not (dest == "epochs" and new > old):
             raise ToolkitError(f"{_flag(action)} {new} contradicts the run being resumed ({_flag(action)} {old} in "
                                f"{args.out / source}); leave it out to continue that run, or start a new one "
