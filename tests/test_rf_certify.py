@@ -231,7 +231,6 @@ def test_rf_mask_count_of_a_map_with_an_extreme_cell_is_the_mass_outside_its_win
         assert summed == pytest.approx(count, rel=1e-5)
 
 
-
 @pytest.mark.parametrize("values", [(1e30, 1e13), (math.inf, 1.0), (math.nan, 1.0), (-math.inf, 5.0)],
                          ids=["huge-beside-large", "inf", "nan", "-inf"])
 def test_whatever_a_patch_makes_the_network_write_both_counts_stay_in_their_intervals(values):
@@ -248,6 +247,7 @@ def test_whatever_a_patch_makes_the_network_write_both_counts_stay_in_their_inte
         count = float(certifier.counts(lambda _, m=attacked: m, attacked, side)[0])
         assert bounds[f"L{side}"] <= count <= bounds[f"U{side}"], (certifier.method, count, bounds)
         assert float(certifier.post(attacked, side).double().sum()) == pytest.approx(count, rel=1e-5)
+
 
 def test_calibration_round_trip_and_bad_input(tiny_crowds, tmp_path):
     from datasets.crowd import CrowdDataset
