@@ -20,8 +20,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="SmallField's width, the channels of its first layer, for a model trained from scratch "
                             "(default 24; weights given to --weights keep their own)")
     group.add_argument("--blocks", type=cli.positive_int,
-                       help="SmallField's 3x3 residual blocks at stride 4, for a model trained from scratch: each one "
-                            "beyond the first (the default) widens the receptive field by 16 px, from 33")
+                       help="SmallField's 3x3 residual blocks at stride 4: each one beyond the first (the default) "
+                            "widens the receptive field by 16 px, from 33; with --weights, the blocks beyond the "
+                            "checkpoint's are added, each starting as the identity (the network counts as before)")
     group.add_argument("--no-batch-norm", dest="norm", action="store_false",
                        help="SmallField without batch norm (a bias per convolution), for a model trained from scratch: "
                             "no running statistics to move the count between epochs")
@@ -35,6 +36,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "(more crops of dense scenes)")
     group.add_argument("--count-loss", type=cli.non_negative_float, default=0.0,
                        help="weight of each crop's absolute count error added to the density MSE (0: plain MSE)")
+    group.add_argument("--ema", type=cli.below_one, default=0.0,
+                       help="validate, keep and score an exponential moving average of the weights with this decay "
+                            "per step (e.g. 0.99; 0: the weights as trained): it evens out the count's swing between "
+                            "epochs")
     cli.add_run_args(parser)
     return parser
 
@@ -46,7 +51,7 @@ def main(args: argparse.Namespace) -> dict:
                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=device,
                   amp=args.amp, workers=args.workers, resume=args.resume,
                   record=runs.settings(args), recipe=Recipe(args.count_loss), seed=args.seed,
-                  figure_format=args.figure_format)
+                  figure_format=args.figure_format, ema=args.ema)
     print(f"-> {out}")
     return summary
 

@@ -69,6 +69,34 @@ class SmallField(nn.Module):
         return self.head(self.features(x)) / DENSITY_SCALE
 
 
+def deepened(model: CrowdCounter, blocks: int) -> CrowdCounter:
+    """`model` with `blocks` 3×3 residual blocks at stride 4 (field 33 + 16 (blocks − 1) px): the blocks added after its
+    own each start as the identity (the last layer of their body zeroed, so relu(x + 0) = x for the non-negative x a
+    block receives), so the new network counts exactly as `model` until it is trained."""
+    if model.name != "smallfield":
+        raise ToolkitError(f"{model.name} has no option blocks")
+    kwargs = dict(model.model_kwargs)
+    have = kwargs.get("blocks", 1)
+    if blocks < have:
+        raise ToolkitError(f"the weights have {have} 3x3 blocks at stride 4: --blocks may add blocks, not remove them")
+    if blocks == have:
+        return model
+    grown = build_smallfield(**{**kwargs, "blocks": blocks})
+    first_new = 4 + have  # the index in `features` of the first module after the model's own 3×3 blocks
+    state = grown.net.state_dict()
+    for key, value in model.net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "features" and int(parts[1]) >= first_new:
+            parts[1] = str(int(parts[1]) + blocks - have)
+        state[".".join(parts)] = value
+    grown.net.load_state_dict(state)
+    for block in grown.net.features[first_new:first_new + blocks - have]:
+        last = block.body[-1] if isinstance(block.body[-1], nn.BatchNorm2d) else block.body[-2]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return grown
+
+
 def build_smallfield(width: int = 24, blocks: int = 1, norm: bool = True) -> CrowdCounter:
     """`norm=False`: no batch norm (a bias per convolution instead), so training and evaluation compute the same
     function and no running statistics move the count between epochs."""

@@ -201,6 +201,33 @@ def test_smallfield_without_batch_norm_computes_the_same_in_training_and_in_eval
         assert not torch.allclose(with_norm.train()(x), with_norm.eval()(x))  # batch statistics against running ones
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_a_deepened_smallfield_counts_as_before_with_a_wider_field_and_trains_its_new_blocks(norm):
+    from models.receptive_field import receptive_field
+    from models.smallfield import deepened
+
+    model = build("smallfield", norm=norm, width=4, seed=0)
+    with torch.no_grad():  # a trained model's statistics and head, not the init's (whose output may be all zero)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2), m.bias.uniform_(-0.1, 0.3)
+        model.net.head[-2].bias.fill_(0.5)
+    grown = deepened(model, 3)
+    assert grown.model_kwargs["blocks"] == 3 and receptive_field(grown.eval()).side == 33 + 2 * 16
+    x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = model.eval()(x), grown(x)
+    assert before.sum() > 0 and torch.equal(before, after)
+    grown.train().loss(x, torch.full((2, 1, 16, 20), 0.01)).backward()
+    for block in grown.net.features[5:7]:  # the two added blocks: their zeroed last layer has a gradient
+        assert block.body[-1 if norm else -2].weight.grad.abs().sum() > 0
+    assert deepened(model, 1) is model
+    with pytest.raises(ToolkitError, match="may add blocks, not remove them"):
+        deepened(grown, 2)
+    with pytest.raises(ToolkitError, match="mcnn has no option blocks"):
+        deepened(build("mcnn"), 2)
+
+
 def test_smallfield_output_is_never_negative_and_never_dies():
     model = build("smallfield", seed=0)
     with torch.no_grad():

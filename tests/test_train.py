@@ -124,6 +124,10 @@ def test_the_architecture_is_recorded_and_its_checkpoints_rebuild_themselves(tin
     with pytest.raises(ToolkitError, match="keep the architecture they were trained with: leave out --width, which"):
         train.main(train.get_args_parser().parse_args([*again[:1], "smallfield", *again[2:]]))
     assert not (tmp_path / "again").exists()
+    deeper = _argv(tiny_crowds, tmp_path / "deeper", "--epochs", "1", "--blocks", "3", "--weights",
+                   str(tmp_path / "w8" / "best.pt"))  # blocks may be added to weights: each starts as the identity
+    train.main(train.get_args_parser().parse_args([*deeper[:1], "smallfield", *deeper[2:]]))
+    assert load_checkpoint(tmp_path / "deeper" / "best.pt")["model_kwargs"] == {"width": 8, "blocks": 3, "norm": False}
 
 
 def _weights(out: Path) -> dict:

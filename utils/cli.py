@@ -17,6 +17,7 @@ import torch
 from datasets.crowd import DENSITY_SOURCES, CrowdDataset
 from datasets.synthetic import ensure_synthetic
 from models import MODEL_NAMES, build, canonical_name, releases
+from models.smallfield import deepened
 from utils import distributed, runs
 from utils.ablation import FILL, KEEP, UNITS, AblationSpec
 from utils.errors import ToolkitError
@@ -105,7 +106,8 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def validation_share(text: str) -> float:
+def below_one(text: str) -> float:
+    """A share or decay in [0, 1) (e.g. --val, --ema; 0: none)."""
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
@@ -200,7 +202,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict) -> argpar
     group.add_argument("--lr", type=positive_float, default=defaults["lr"],
                        help="Adam's learning rate, cosine-annealed to 0 over --epochs")
     group.add_argument("--weight-decay", type=float, default=0.0, help="Adam's L2 weight decay")
-    group.add_argument("--val", type=validation_share, default=VALIDATION,
+    group.add_argument("--val", type=below_one, default=VALIDATION,
                        help="share of the train split held out (a draw of --seed, listed in args.json) to validate "
                             "every epoch and choose best.pt; the test split is evaluated once, with the checkpoint "
                             "chosen; 0: no validation part, last.pt is kept")
@@ -330,11 +332,14 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, de
     options = {k: getattr(args, k) for k in ("width", "blocks") if getattr(args, k, None)}  # train.py's
     if not getattr(args, "norm", True):
         options["norm"] = False
+    grow = options.pop("blocks", None) if args.weights is not None else None
     if options and args.weights is not None:
         flags = ", ".join("--no-batch-norm" if k == "norm" else f"--{k}" for k in options)
         raise ToolkitError(f"weights given to --weights keep the architecture they were trained with: leave out "
                            f"{flags}, which build a new SmallField")
     model = build(args.model, args.weights, seed=args.seed, **options)
+    if grow is not None:
+        model = deepened(model, grow)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase, dense=dense)
     val_set = None

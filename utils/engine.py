@@ -28,8 +28,10 @@ def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = True,
-                    loss_fn: LossFn | None = None, desc: str = "train") -> float:
-    """One pass over `loader`, minimising `loss_fn(model, images, targets)` (default `model.loss`)."""
+                    loss_fn: LossFn | None = None, desc: str = "train",
+                    after_step: Callable[[], None] | None = None) -> float:
+    """One pass over `loader`, minimising `loss_fn(model, images, targets)` (default `model.loss`); `after_step` is
+    called after every optimiser step (e.g. to update a moving average of the weights)."""
     model.train()
     total, seen = 0.0, 0
     for images, targets, _ in progress(loader, desc):
@@ -44,6 +46,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step()
         total = total + loss.detach().float() * len(images)  # summed on the device, read once per epoch
         seen += len(images)
     return float(total) / max(seen, 1)

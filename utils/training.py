@@ -2,6 +2,7 @@
 best/last. What a step minimises and how an epoch is validated is a `Recipe` (plain, ablation, adversarial)."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from functools import partial
@@ -80,6 +81,28 @@ class Objective(torch.nn.Module):
         return self.recipe.loss(self.model, images, targets, epoch)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics, updated after every optimiser
+    step: avg ← decay · avg + (1 − decay) · weights (non-float buffers, e.g. batch counts, copied). A small crowd
+    counter's count swings by a large share from one epoch to the next (SmallField on Part A: a bias of −160 to
+    +175); the average is what is validated and kept."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ToolkitError(f"the weight average's decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(new, 1.0 - self.decay)
+            else:
+                avg.copy_(new)
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The rate annealed from its initial value to 0 over `epochs` by a half cosine, in closed form, so a run
     resumed with more epochs continues on the longer schedule's curve."""
@@ -99,7 +122,8 @@ def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) 
 def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset | None,
         test_set: CrowdDataset | None, out: Path, *, epochs: int, batch_size: int, lr: float, device: torch.device,
         weight_decay: float = 0.0, amp: bool = True, workers: int = 0, resume: bool = False,
-        record: dict | None = None, recipe: Recipe | None = None, seed: int = 0, figure_format: str = "png") -> dict:
+        record: dict | None = None, recipe: Recipe | None = None, seed: int = 0, figure_format: str = "png",
+        ema: float = 0.0) -> dict:
     """Train `model` on random crops of `train_set` by `recipe` (plain by default), validate on `val_set` (a part held
     out of the train split) every epoch, keep last.pt and best.pt (lowest validation `mae`; without `val_set`, no
     best.pt), then evaluate the kept checkpoint once on `test_set`, which never chooses anything.
@@ -110,7 +134,10 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
     function of (`seed`, e): a resumed run trains exactly as an uninterrupted one. Under torchrun each rank trains
     on its share of every epoch's order (`batch_size` crops per rank and step) and DistributedDataParallel averages
     the gradients, so every rank holds the same weights. The curves go to curves.<figure_format> and
-    val_mae.<figure_format> (png, pdf or svg)."""
+    val_mae.<figure_format> (png, pdf or svg).
+
+    With `ema` (a decay per step, e.g. 0.99), a `WeightAverage` of the weights is validated, scored and saved as the
+    checkpoints' model; the weights being trained travel in them as `training_weights`, for `resume`."""
     recipe = recipe or Recipe()
     train_counts = train_set.counts()
     model.adapt_to_counts(train_counts)
@@ -118,6 +145,8 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    average = WeightAverage(model, ema) if ema else None
+    kept_model = model if average is None else average.model  # what is validated, saved and scored
 
     def loader(epoch: int) -> DataLoader:
         train_set.set_epoch(epoch, seed)
@@ -136,6 +165,9 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
     start, history, best = 0, [], float("inf")
     if resume:
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
+        if average is not None:  # the checkpoint's model is the average; training goes on from its own weights
+            average.model.load_state_dict(model.state_dict())
+            model.load_state_dict(state["training_weights"])
         restore_schedule(scheduler, state["scheduler"])
         recipe.load_state_dict(state.get("recipe", {}))
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
@@ -150,23 +182,26 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
         step_loss = partial(recipe.loss, epoch=epoch) if objective is None else \
             (lambda _, images, targets, e=epoch: objective(images, targets, e))
         loss = train_one_epoch(model, loader(epoch), optimizer, device, scaler, amp, step_loss,
-                               desc=f"epoch {epoch + 1}")
+                               desc=f"epoch {epoch + 1}",
+                               after_step=None if average is None else partial(average.update, model))
         loss = float(distributed.all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=device)))
         distributed.sync_buffers(model)  # batch-norm statistics: rank 0's, as DDP's next forward would make them
         scheduler.step()
         metrics = {}
         if val_set is not None:
-            metrics, rows = recipe.validate(model, val_set, device, amp, epoch)
+            metrics, rows = recipe.validate(kept_model, val_set, device, amp, epoch)
             _warn_if_dead(rows)
         history.append({"epoch": epoch + 1, "loss": loss, **metrics})
         shown = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else v for k, v in metrics.items() if v != "")
         log.info(f"epoch {epoch + 1}/{epochs}  loss {loss:.4f}" + (shown and f"  validation {shown}  (mean-count "
                                                                       f"baseline MAE {val_baseline:.2f})"))
         extra = {"scheduler": scheduler.state_dict(), "recipe": recipe.state_dict(), **recipe.record()}
+        if average is not None:
+            extra["training_weights"] = model.state_dict()
         if metrics.get("mae", math.nan) < best:
             best = metrics["mae"]
-            save_run_checkpoint(out / "best.pt", model, optimizer, epoch, record or {}, history, best, extra)
-        save_run_checkpoint(out / "last.pt", model, optimizer, epoch, record or {}, history, best, extra)
+            save_run_checkpoint(out / "best.pt", kept_model, optimizer, epoch, record or {}, history, best, extra)
+        save_run_checkpoint(out / "last.pt", kept_model, optimizer, epoch, record or {}, history, best, extra)
         save_csv(out / "log.csv", history)
 
     if not history:
@@ -177,11 +212,11 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
                    key=lambda h: h["mae"], default=None)  # NaN-safe: epochs with no validation MAE are skipped
     kept = best_row or last
     if best_row is not None and best_row is not last:  # the test split sees the checkpoint chosen, once
-        load_state(model, load_checkpoint(out / "best.pt"), str(out / "best.pt"))
+        load_state(kept_model, load_checkpoint(out / "best.pt"), str(out / "best.pt"))
     summary = {"model": model.name, "epochs": len(history), "checkpoint": "last.pt" if best_row is None else "best.pt",
                "best_epoch": None if best_row is None else best_row["epoch"], "train_images": len(train_set)}
     if test_set is not None:
-        metrics, rows = recipe.validate(model, test_set, device, amp, kept["epoch"] - 1)
+        metrics, rows = recipe.validate(kept_model, test_set, device, amp, kept["epoch"] - 1)
         save_csv(out / "per_image.csv", rows)
         test_baseline = baseline(test_set)
         summary.update(metrics, baseline_mae=test_baseline, test_images=len(test_set),
