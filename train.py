@@ -34,6 +34,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--dense-crops", type=cli.unit_interval, default=0.0,
                        help="probability, per training crop, of drawing it around a head instead of uniformly "
                             "(more crops of dense scenes)")
+    group.add_argument("--scales", type=cli.positive_float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="see each training crop at a scale drawn log-uniformly from [LOW, HIGH] (e.g. 0.7 1.4: a "
+                            "window of side crop / scale, resized to the crop; its heads kept): a counter that does "
+                            "not depend on one image scale and sharpness (default: no rescaling)")
     group.add_argument("--count-loss", type=cli.non_negative_float, default=0.0,
                        help="weight of each crop's absolute count error added to the density MSE (0: plain MSE)")
     group.add_argument("--ema", type=cli.below_one, default=0.0,
@@ -46,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     out, device, model, train_set, val_set, test_set = cli.training_setup(args, "train", erase=args.erase,
-                                                                           dense=args.dense_crops)
+                                                                           dense=args.dense_crops, scales=args.scales)
     summary = fit(model, train_set, val_set, test_set if args.score_test else None, out, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=device,
                   amp=args.amp, workers=args.workers, resume=args.resume,

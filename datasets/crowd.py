@@ -36,19 +36,24 @@ class CrowdDataset(Dataset):
     sum to that number) and sum-pooled to the stride, so its sum is the count and GAME(0) is the absolute count
     error. A training crop's count is the sum of its window of the full-size target.
 
-    The crop, flip and erasing of item i are drawn from a generator keyed by (seed, epoch, i) (`set_epoch`), so they
-    do not depend on the global RNG, the loading order, the number of workers or where a run was resumed.
+    The crop, its scale, flip and erasing of item i are drawn from a generator keyed by (seed, epoch, i)
+    (`set_epoch`), so they do not depend on the global RNG, the loading order, the number of workers or where a run
+    was resumed.
     """
 
     def __init__(self, root: str | Path, stride: int, size_multiple: int, density: str = "adaptive",
                  crop: int | None = None, flip: bool = True, max_images: int | None = None, cache: bool = True,
-                 grey: bool = False, erase: float = 0.0, dense: float = 0.0, seed: int = 0):
+                 grey: bool = False, erase: float = 0.0, dense: float = 0.0, seed: int = 0,
+                 scales: tuple[float, float] | None = None):
         if density not in DENSITY_SOURCES:
             raise ToolkitError(f"unknown density source {density!r}; choose from {', '.join(DENSITY_SOURCES)}")
         self.root = Path(root)
         self.images = list_images(self.root)[:max_images]
         self.stride, self.size_multiple, self.density = stride, size_multiple, density
         self.crop, self.flip, self.grey, self.erase, self.dense = crop, flip, grey, erase, dense
+        if scales is not None and not 0 < scales[0] <= scales[1]:
+            raise ToolkitError(f"scales must be two numbers 0 < low <= high, got {' '.join(map(str, scales))}")
+        self.scales = None if scales is None else tuple(scales)
         self.seed, self.epoch = seed, 0
         self._cache: dict[tuple, object] | None = {} if cache else None
         for image in self.images:  # fail on a missing annotation now, not mid-epoch
@@ -162,16 +167,16 @@ class CrowdDataset(Dataset):
             raise ToolkitError(f"a validation share of {share:g} of the {n} images of {self.root} leaves none to "
                                "train on: lower --val, or 0 for no validation part")
         return (self.subset(i for i in range(n) if i not in held),
-                self.subset(sorted(held), crop=None, erase=0.0, dense=0.0))
+                self.subset(sorted(held), crop=None, erase=0.0, dense=0.0, scales=None))
 
     def subset(self, indices: Iterable[int], **settings) -> CrowdDataset:
         """The images at `indices` (in that order) with this dataset's settings, or the `settings` given (`crop`,
-        `erase`, `dense`, `flip`)."""
+        `erase`, `dense`, `flip`, `scales`)."""
         part = copy.copy(self)
         part.images = [self.images[i] for i in indices]
         part._cache = {} if self._cache is not None else None  # keyed by index: a part needs its own
         for name, value in settings.items():
-            if name not in ("crop", "erase", "dense", "flip"):
+            if name not in ("crop", "erase", "dense", "flip", "scales"):
                 raise TypeError(f"subset() got an unexpected setting {name!r}")
             setattr(part, name, value)
         part._check_crop()
@@ -188,7 +193,7 @@ class CrowdDataset(Dataset):
             return self._cached(("whole", index), lambda: self._whole(index))
         gen = derived_generator(self.seed, self.epoch, index)
         image, den = random_crop_flip(self._load(index)[0], self._full_density(index), self.crop, self.flip, gen,
-                                      self.dense)
+                                      self.dense, self.scales)
         image, den = random_erase(image, den, self.erase, gen)
         return image, downsample(den, self.stride)[None], float(den.sum())
 

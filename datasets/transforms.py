@@ -1,6 +1,8 @@
 """Geometric transforms applied jointly to an image (3, H, W) and its density (H, W)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,11 +34,19 @@ def pad_to(image: torch.Tensor, density: torch.Tensor, height: int, width: int):
 
 
 def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip: bool = True,
-                     generator: torch.Generator | None = None, dense: float = 0.0):
+                     generator: torch.Generator | None = None, dense: float = 0.0,
+                     scales: tuple[float, float] | None = None):
     """A random `size`×`size` window of image and density (padded if smaller), flipped left-right with p=0.5.
 
     With probability `dense` the window is drawn around a pixel drawn by the density (a head, in proportion to how
-    crowded its surroundings are) instead of uniformly: a counter that undercounts dense scenes sees more of them."""
+    crowded its surroundings are) instead of uniformly: a counter that undercounts dense scenes sees more of them.
+    With `scales` (low, high), the crop is seen at a scale drawn log-uniformly from them: a window of side
+    size / scale, resized to `size` (its density keeps its sum, the heads in it)."""
+    out = size
+    if scales is not None:
+        low, high = math.log(scales[0]), math.log(scales[1])
+        scale = math.exp(low + (high - low) * float(torch.rand((), dtype=torch.float64, generator=generator)))
+        size = max(1, round(out / scale))
     image, density = pad_to(image, density, size, size)
     h, w = image.shape[-2:]
     at = None
@@ -52,9 +62,22 @@ def random_crop_flip(image: torch.Tensor, density: torch.Tensor, size: int, flip
         left = int(torch.randint(w - size + 1, (1,), generator=generator))
     image = image[..., top:top + size, left:left + size]
     density = density[..., top:top + size, left:left + size]
+    if size != out:
+        image, density = resized(image, density, out)
     if flip and bool(torch.rand((), generator=generator) < 0.5):
         image, density = image.flip(-1), density.flip(-1)
     return image, density
+
+
+def resized(image: torch.Tensor, density: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (3, h, w) and density (h, w) resized to side × side (bilinear, antialiased when shrinking); the density
+    rescaled to its own sum."""
+    shrink = side < max(image.shape[-2:])
+    image = F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False, antialias=shrink)[0]
+    new = F.interpolate(density[None, None].double(), size=(side, side), mode="bilinear", align_corners=False,
+                        antialias=shrink)[0, 0]
+    total, now = float(density.sum(dtype=torch.float64)), float(new.sum())
+    return image.clamp(0, 1), (new * (total / now) if now > 0 else new).to(density.dtype)
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -82,11 +82,11 @@ def test_the_count_loss_is_recorded_and_changes_training(tiny_crowds, tmp_path):
     assert plain["mae"] != counted["mae"]
 
 
-def test_dense_crops_are_recorded_and_draw_crops_around_heads(tiny_crowds, tmp_path, monkeypatch):
+def test_dense_crops_and_scales_are_recorded_and_dense_crops_drawn_around_heads(tiny_crowds, tmp_path, monkeypatch):
     made, real_fit = [], train.fit
 
     def fit(model, train_set, val_set, *args, **kwargs):
-        assert val_set.dense == 0.0 and val_set.crop is None  # validated on whole images, as a test split
+        assert val_set.dense == 0.0 and val_set.scales is None and val_set.crop is None  # whole images, as a test split
         made.append(train_set)
         return real_fit(model, train_set, val_set, *args, **kwargs)
 
@@ -105,6 +105,11 @@ def test_dense_crops_are_recorded_and_draw_crops_around_heads(tiny_crowds, tmp_p
             counts[part.dense] += [part[i][2] for i in range(len(part))]
     assert min(counts[1.0]) > 0 and min(counts[0.0]) == 0
     assert sum(counts[1.0]) > 1.2 * sum(counts[0.0])
+    made.clear()
+    train.main(train.get_args_parser().parse_args(_argv(tiny_crowds, tmp_path / "scaled", "--epochs", "1",
+                                                         "--scales", "0.7", "1.4")))
+    assert json.loads((tmp_path / "scaled" / "args.json").read_text())["scales"] == [0.7, 1.4]
+    assert made[0].scales == (0.7, 1.4) and made[0][0][0].shape[-1] == made[0].crop
 
 
 def test_the_architecture_is_recorded_and_its_checkpoints_rebuild_themselves(tiny_crowds, tmp_path):
@@ -289,11 +294,14 @@ def test_bad_input_gives_one_line(tiny_crowds, tmp_path, cli_error):
         (_argv(tiny_crowds, tmp_path / "f", "--val", "1"), "--val: must lie in [0, 1), got 1"),
         (_argv(tiny_crowds, tmp_path / "g", "--val", "0.95"), "leaves none to train on"),
         (_argv(tiny_crowds, tmp_path / "h", "--dense-crops", "1.5"), "--dense-crops: must lie in [0, 1], got 1.5"),
+        (_argv(tiny_crowds, tmp_path / "i", "--scales", "1.4", "0.7"), "scales must be two numbers 0 < low <= high"),
+        (_argv(tiny_crowds, tmp_path / "j", "--scales", "0", "1"), "--scales: must be positive, got 0"),
+        (_argv(tiny_crowds, tmp_path / "k", "--ema", "1"), "--ema: must lie in [0, 1), got 1"),
     ]
     for argv, message in cases:
         code, lines = cli_error(train, argv)
         assert code != 0 and len(lines) == 1 and message in lines[0], (argv, lines)
-    assert not (tmp_path / "d").exists()  # refused before the run folder is claimed
+    assert not any((tmp_path / name).exists() for name in "dijk")  # refused before the run folder is claimed
 
 
 @pytest.mark.slow

@@ -67,3 +67,24 @@ def test_beyond_multinomials_limit_pixels_are_drawn_from_the_same_distribution(m
     large = [transforms._draw(weights, g) for _ in range(4000)]
     for drawn in (small, large):
         assert set(drawn) == {1, 3} and abs(drawn.count(1) / len(drawn) - 0.75) < 0.03
+
+
+def test_a_rescaled_crop_is_a_window_of_side_size_over_scale_resized_with_its_heads_kept():
+    import math
+
+    import torch.nn.functional as F
+
+    image, density = torch.rand(3, 120, 160), torch.rand(120, 160)
+    for seed, (low, high) in enumerate([(0.5, 0.5), (2.0, 2.0), (0.7, 1.4)]):
+        g, reference = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        u = float(torch.rand((), dtype=torch.float64, generator=reference))  # the scale, log-uniform in [low, high]
+        side = round(32 / math.exp(math.log(low) + (math.log(high) - math.log(low)) * u))
+        top, left = (int(torch.randint(n - side + 1, (1,), generator=reference)) for n in (120, 160))
+        out, den = random_crop_flip(image, density, 32, flip=False, generator=g, scales=(low, high))
+        window = image[None, :, top:top + side, left:left + side]
+        expected = F.interpolate(window, size=(32, 32), mode="bilinear", align_corners=False, antialias=side > 32)[0]
+        assert out.shape == (3, 32, 32) and den.shape == (32, 32)
+        torch.testing.assert_close(out, expected)
+        heads = density[top:top + side, left:left + side].sum(dtype=torch.float64)  # the window's count, kept
+        torch.testing.assert_close(den.sum(dtype=torch.float64), heads, rtol=1e-5, atol=0)
+    assert side == 24  # the last pair drew a scale other than 1 (seed 2: 1.32)

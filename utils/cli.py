@@ -319,7 +319,8 @@ def resolve_splits(data: Path | None, train: Path | None = None,
     return tuple(None if split is None else check_split(split) for split in (train, test))
 
 
-def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, dense: float = 0.0
+def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, dense: float = 0.0,
+                   scales: tuple[float, float] | None = None
                    ) -> tuple[Path, torch.device, torch.nn.Module, CrowdDataset, CrowdDataset | None, CrowdDataset]:
     """What every training script does first: the run folder checked, device, model, the train split's crops and
     its held-out validation part (`--val`, drawn by `--seed`), the test split, then the run folder claimed (only once
@@ -341,7 +342,7 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, de
     if grow is not None:
         model = deepened(model, grow)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
-                                       max_images=args.max_train_images, erase=erase, dense=dense)
+                                       max_images=args.max_train_images, erase=erase, dense=dense, scales=scales)
     val_set = None
     if args.val > 0:
         train_set, val_set = train_set.holdout(args.val, args.seed)
