@@ -1,7 +1,8 @@
 """Per model at 768×1024 (a ShanghaiTech Part A-sized image): training throughput (images/s, an Adam step on
-`model.loss`) and certification throughput (forward passes/s on a batch of ablated copies of one image). On CUDA also
-the fast path (autocast in --amp-dtype, channels-last) against fp32, on the CPU bfloat16 autocast (the scripts'
-`--amp-dtype bfloat16`), each as a speed-up. Prints JSON.
+`model.loss`) and certification throughput (forward passes/s on a batch of ablated copies of one image), in fp32
+with the tensors as PyTorch makes them (contiguous), in fp32 channels-last (what `prepare_model` does on every device)
+and under autocast in --amp-dtype with channels-last (on the CPU bfloat16 only, the scripts' `--amp-dtype
+bfloat16`), each also as a speed-up over the first. Prints JSON.
 
     python benchmarks/throughput.py [--device cuda] [--models mcnn csrnet]
 """
@@ -21,12 +22,12 @@ from utils.timing import best_seconds  # noqa: E402
 
 
 def measure(name: str, device: torch.device, height: int, width: int, train_batch: int, certify_batch: int,
-            repeats: int, dtype: torch.dtype | None) -> dict:
-    """(train images/s, certification forward passes/s) of `name`, fp32 (`dtype` None) or under autocast to `dtype`
-    (with channels-last on CUDA, as `prepare_model` does)."""
+            repeats: int, dtype: torch.dtype | None, channels_last: bool) -> dict:
+    """(train images/s, certification forward passes/s) of `name`, fp32 (`dtype` None) or under autocast to `dtype`,
+    contiguous or channels-last."""
     torch.manual_seed(0)
     model = build(name).to(device)
-    fmt = torch.channels_last if dtype is not None and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     images = torch.rand(train_batch, 3, height, width, device=device).to(memory_format=fmt)
@@ -76,12 +77,13 @@ def main() -> None:
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(device)
     for name in args.models:
-        row = {"fp32": measure(name, device, args.height, args.width, train_batch, certify_batch, repeats, None)}
+        settings = {"fp32": (None, False), "fp32_channels_last": (None, True)}
         if cuda or args.amp_dtype == "bfloat16":  # float16 autocast has no fast CPU kernels
-            fast = measure(name, device, args.height, args.width, train_batch, certify_batch, repeats,
-                           getattr(torch, args.amp_dtype))
-            row[args.amp_dtype + ("_channels_last" if cuda else "")] = fast
-            row["speedup"] = {k: fast[k] / row["fp32"][k] for k in fast}
+            settings[args.amp_dtype + "_channels_last"] = (getattr(torch, args.amp_dtype), True)
+        row = {key: measure(name, device, args.height, args.width, train_batch, certify_batch, repeats, *setting)
+               for key, setting in settings.items()}
+        row["speedup"] = {key: {k: row[key][k] / row["fp32"][k] for k in row[key]} for key in settings
+                          if key != "fp32"}
         result["models"][name] = row
         print(f"{name}: {row}", file=sys.stderr)
     print(json.dumps(result))

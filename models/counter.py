@@ -64,12 +64,14 @@ class CrowdCounter(nn.Module):
         self.name, self.net = name, net
         self.stride, self.size_multiple, self.native_channels = stride, size_multiple, native_channels
         self.model_kwargs = dict(model_kwargs or {})
-        # Pixel constants are non-persistent buffers: they follow .to(device) but stay out of checkpoints.
+        # Pixel constants are non-persistent buffers: they follow .to(device) but stay out of checkpoints. Shaped
+        # (3, 1, 1), not (1, 3, 1, 1): a channels-last model would give a 4-D one strides that alias its elements,
+        # which DistributedDataParallel's buffer broadcast refuses.
         if native_channels == 1:
-            self.register_buffer("luma", 255 * torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("luma", 255 * torch.tensor(LUMA).view(3, 1, 1), persistent=False)
         else:
-            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         if level_width is not None:
             self.register_buffer("level_width", torch.tensor(float(level_width)), persistent=False)
 

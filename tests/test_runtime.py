@@ -20,7 +20,8 @@ def test_fast_paths_are_checked_and_only_bfloat16_autocasts_on_the_cpu():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     assert runtime.autocasts(cpu, True, "bfloat16") and not runtime.autocasts(cpu, True, "float16")
     model = runtime.prepare_model(torch.nn.Conv2d(3, 4, 3), cpu)
-    assert type(model) is torch.nn.Conv2d and model.weight.is_contiguous()  # neither compiled nor channels-last
+    assert type(model) is torch.nn.Conv2d  # not compiled on the CPU, but channels-last (oneDNN's NHWC kernels)
+    assert model.weight.is_contiguous(memory_format=torch.channels_last) and not model.weight.is_contiguous()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -21,8 +21,8 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return [t.to(device, non_blocking=True, memory_format=fmt if t.dim() == 4 else torch.preserve_format)
+    return [t.to(device, non_blocking=True,
+                 memory_format=torch.channels_last if t.dim() == 4 else torch.preserve_format)
             for t in tensors]
 
 

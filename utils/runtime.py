@@ -117,11 +117,11 @@ def float32(device: torch.device):
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to the device; on CUDA channels-last, where cuDNN's NHWC convolutions are faster, and `torch.compile`d
-    in place when configured (the module, its methods and its state_dict keys stay as they are)."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        if _fast_paths["compile"]:
-            model.compile()
+    """Move to the device, channels-last (cuDNN's and oneDNN's NHWC convolutions are faster: on a 2-core x86 CPU, fp32
+    at 768×1024, 1.3 to 2.2× for certification passes and 1.06 to 1.9× for training steps, `benchmarks/throughput.py`),
+    and on CUDA `torch.compile`d in place when configured (the module, its methods and its state_dict keys stay as
+    they are)."""
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda" and _fast_paths["compile"]:
+        model.compile()
     return model
