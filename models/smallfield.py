@@ -5,6 +5,7 @@ output. Each 3×3 residual block at stride 4 beyond the first (`blocks`) widens 
 Only 3×3 convolutions (two at stride 2) and 1×1 mixing, with batch normalisation and residual blocks: in eval mode
 batch norm is a per-channel affine map, so it leaves the field where the convolutions put it.
 """
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,10 +70,11 @@ class SmallField(nn.Module):
         return self.head(self.features(x)) / DENSITY_SCALE
 
 
-def deepened(model: CrowdCounter, blocks: int) -> CrowdCounter:
+def deepened(model: CrowdCounter, blocks: int, seed: int | None = None) -> CrowdCounter:
     """`model` with `blocks` 3×3 residual blocks at stride 4 (field 33 + 16 (blocks − 1) px): the blocks added after its
     own each start as the identity (the last layer of their body zeroed, so relu(x + 0) = x for the non-negative x a
-    block receives), so the new network counts exactly as `model` until it is trained."""
+    block receives), so the new network counts exactly as `model` until it is trained. The rest of the new blocks'
+    weights are drawn as `models.build` draws them with `seed`."""
     if model.name != "smallfield":
         raise ToolkitError(f"{model.name} has no option blocks")
     kwargs = dict(model.model_kwargs)
@@ -81,7 +83,10 @@ def deepened(model: CrowdCounter, blocks: int) -> CrowdCounter:
         raise ToolkitError(f"the weights have {have} 3x3 blocks at stride 4: --blocks may add blocks, not remove them")
     if blocks == have:
         return model
-    grown = build_smallfield(**{**kwargs, "blocks": blocks})
+    with torch.random.fork_rng(devices=[]):  # as models.build: the global RNG is not moved
+        if seed is not None:
+            torch.manual_seed(seed)
+        grown = build_smallfield(**{**kwargs, "blocks": blocks})
     first_new = 4 + have  # the index in `features` of the first module after the model's own 3×3 blocks
     state = grown.net.state_dict()
     for key, value in model.net.state_dict().items():

@@ -114,6 +114,19 @@ def test_scripts_under_torchrun_agree_with_one_process_and_only_rank_0_writes(ti
         (tmp_path / "ranks1" / "rf-mask" / "calibration.json").read_text()
 
 
+def test_under_torchrun_every_rank_validates_and_saves_one_weight_average(tiny_crowds, tmp_path):
+    out = tmp_path / "ema"
+    line = (f"train.py --model smallfield --width 4 --data {tiny_crowds} --crop 32 --batch-size 2 --epochs 2 "
+            f"--ema 0.9 --device cpu --out {out}")  # batch norm: each rank's statistics enter its average
+    proc = subprocess.run([*_torchrun(2), str(REPO / "tests" / "torchrun_scripts.py"), line], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_checkpoint(out / "last.pt")  # the average as the model, the weights trained beside it
+    digests = _replica_digests(proc.stdout, "model weights")
+    assert digests[0] == digests[1] == distributed.digest([*saved["training_weights"].values(),
+                                                           *saved["state_dict"].values()])
+
+
 def _log(out: Path) -> list[dict]:
     path = out / "log.csv"
     return list(csv.DictReader(open(path))) if path.is_file() else []

@@ -222,6 +222,10 @@ def test_a_deepened_smallfield_counts_as_before_with_a_wider_field_and_trains_it
     for block in grown.net.features[5:7]:  # the two added blocks: their zeroed last layer has a gradient
         assert block.body[-1 if norm else -2].weight.grad.abs().sum() > 0
     assert deepened(model, 1) is model
+    state = torch.random.get_rng_state()
+    again, other = deepened(model, 3, seed=5), deepened(model, 3, seed=5)  # the new blocks' init: drawn by the seed
+    assert torch.equal(torch.random.get_rng_state(), state)  # and the global RNG not moved
+    assert all(torch.equal(v, other.net.state_dict()[k]) for k, v in again.net.state_dict().items())
     with pytest.raises(ToolkitError, match="may add blocks, not remove them"):
         deepened(grown, 2)
     with pytest.raises(ToolkitError, match="mcnn has no option blocks"):

@@ -268,10 +268,12 @@ def test_a_run_from_before_the_crop_and_architecture_flags_refuses_them_on_resum
     argv = _argv(tiny_crowds, tmp_path, "--epochs", "1")
     train.main(train.get_args_parser().parse_args([*argv[:1], "smallfield", *argv[2:]]))
     state = load_checkpoint(tmp_path / "last.pt")
-    for key in ("dense_crops", "width", "blocks", "norm"):  # as a run of the version before them recorded it
+    for key in ("dense_crops", "width", "blocks", "norm", "ema", "scales"):  # as a version before them recorded it
         del state["args"][key]
     torch.save(state, tmp_path / "last.pt")
     for flags, message in [(["--dense-crops", "0.5"], "--dense-crops 0.5 contradicts the run being resumed"),
+                           (["--ema", "0.9"], "--ema 0.9 contradicts the run being resumed"),
+                           (["--scales", "0.7", "1.4"], "contradicts the run being resumed"),
                            (["--blocks", "2"], "--blocks 2 contradicts the run being resumed"),
                            (["--no-batch-norm"], "contradicts the run being resumed")]:
         code, lines = cli_error(train, ["--out", str(tmp_path), "--resume", "--epochs", "2", *flags])

@@ -340,7 +340,7 @@ def training_setup(args: argparse.Namespace, script: str, erase: float = 0.0, de
                            f"{flags}, which build a new SmallField")
     model = build(args.model, args.weights, seed=args.seed, **options)
     if grow is not None:
-        model = deepened(model, grow)
+        model = deepened(model, grow, seed=args.seed)
     train_set = CrowdDataset.for_model(train_root, model, density=args.density, crop=args.crop,
                                        max_images=args.max_train_images, erase=erase, dense=dense, scales=scales)
     val_set = None

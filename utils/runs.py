@@ -28,7 +28,8 @@ MAY_CHANGE_ON_RESUME = frozenset({"score_test"})
 # Settings a run recorded before the flag existed had this value: such a run resumes as it started
 # what a run recorded before each flag existed meant: no validation part, no count term, uniform crops, the default
 # SmallField
-BEFORE_THE_FLAG = {"val": 0.0, "count_loss": 0.0, "dense_crops": 0.0, "width": None, "blocks": None, "norm": True}
+BEFORE_THE_FLAG = {"val": 0.0, "count_loss": 0.0, "dense_crops": 0.0, "width": None, "blocks": None, "norm": True,
+                   "ema": 0.0, "scales": None}
 REPO = Path(__file__).resolve().parents[1]
 
 _current: dict | None = None  # the run folder this process works in: {"out", "created", "resumed"}

@@ -145,8 +145,6 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    average = WeightAverage(model, ema) if ema else None
-    kept_model = model if average is None else average.model  # what is validated, saved and scored
 
     def loader(epoch: int) -> DataLoader:
         train_set.set_epoch(epoch, seed)
@@ -162,12 +160,10 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
     def baseline(dataset: CrowdDataset) -> float:  # the MAE of always predicting the training mean count
         return mae(np.full(len(dataset), train_counts.mean()), dataset.counts())
 
-    start, history, best = 0, [], float("inf")
+    start, history, best, trained = 0, [], float("inf"), None
     if resume:
         state = load_run_checkpoint(out / "last.pt", model, optimizer)
-        if average is not None:  # the checkpoint's model is the average; training goes on from its own weights
-            average.model.load_state_dict(model.state_dict())
-            model.load_state_dict(state["training_weights"])
+        trained = state.get("training_weights")  # with `ema` the checkpoint's model is the average
         restore_schedule(scheduler, state["scheduler"])
         recipe.load_state_dict(state.get("recipe", {}))
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
@@ -176,6 +172,12 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
     if distributed.active():  # gradients averaged across ranks in the backward pass; rank 0's weights to start
         objective = DistributedDataParallel(Objective(model, recipe),
                                             device_ids=[device] if device.type == "cuda" else None)
+    average = None
+    if ema:  # after the wrap, which gave every rank rank 0's weights: on resume, the checkpoint's average
+        average = WeightAverage(model, ema)
+        if trained is not None:  # training goes on from the weights trained, not from their average
+            model.load_state_dict(trained)
+    kept_model = model if average is None else average.model  # what is validated, saved and scored
 
     val_baseline = None if val_set is None else baseline(val_set)
     for epoch in range(start, epochs):
@@ -186,6 +188,8 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
                                after_step=None if average is None else partial(average.update, model))
         loss = float(distributed.all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=device)))
         distributed.sync_buffers(model)  # batch-norm statistics: rank 0's, as DDP's next forward would make them
+        if average is not None:  # averaged from each rank's own statistics: rank 0's, so all validate one model
+            distributed.sync_buffers(average.model)
         scheduler.step()
         metrics = {}
         if val_set is not None:
@@ -206,7 +210,8 @@ def fit(model: torch.nn.Module, train_set: CrowdDataset, val_set: CrowdDataset |
 
     if not history:
         raise ToolkitError(f"nothing to do: the run in {out} already finished {epochs} epochs")
-    distributed.check_replicas("model weights", [*model.state_dict().values(), *recipe.replicated()])
+    distributed.check_replicas("model weights", [*model.state_dict().values(), *recipe.replicated(),
+                                                 *([] if average is None else average.model.state_dict().values())])
     last = history[-1]
     best_row = min((h for h in history if h.get("mae", math.nan) == h.get("mae", math.nan)),
                    key=lambda h: h["mae"], default=None)  # NaN-safe: epochs with no validation MAE are skipped
