@@ -77,7 +77,7 @@ def resized(image: torch.Tensor, density: torch.Tensor, side: int) -> tuple[torc
     new = F.interpolate(density[None, None].double(), size=(side, side), mode="bilinear", align_corners=False,
                         antialias=shrink)[0, 0]
     total, now = float(density.sum(dtype=torch.float64)), float(new.sum())
-    return image.clamp(0, 1), (new * (total / now) if now > 0 else new).to(density.dtype)
+    return image, (new * (total / now) if now > 0 else new).to(density.dtype)
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
