@@ -336,6 +336,33 @@ def _terminate_when(argv: list[str], ready, limit: float = 120) -> subprocess.Co
     return subprocess.CompletedProcess(argv, proc.returncode, None, err)
 
 
+def test_a_loop_cut_short_leaves_its_message_on_a_line_of_its_own(capsys):
+    from utils.runtime import progress
+
+    class CutAfterTheFirstDraw:  # Ctrl-C (or SIGTERM) right after the bar's first draw, before the loop starts
+        def __init__(self):
+            self.writes = 0
+
+        def write(self, text):
+            sys.stderr.write(text)
+            self.writes += 1
+            if self.writes == 1:
+                raise KeyboardInterrupt
+
+        def flush(self):
+            sys.stderr.flush()
+
+    def main(args):
+        for _ in progress(range(3), "epoch 1", file=CutAfterTheFirstDraw()):
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(main, cli.ArgumentParser(prog="demo.py"), [])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "epoch 1" in err and err.splitlines()[-1] == "demo.py: interrupted; nothing was written", err
+
+
 @pytest.mark.parametrize("script", ["patch_attack", "certify"])
 def test_sigterm_leaves_no_folder(tiny_crowds, tiny_mcnn, tmp_path, script):
     out = tmp_path / "runs" / script

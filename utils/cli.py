@@ -23,7 +23,7 @@ from utils.ablation import FILL, KEEP, UNITS, AblationSpec
 from utils.errors import ToolkitError
 from utils.patch import PLACEMENTS, SHAPES, PatchSpec, PatchTransform
 from utils.plots import FORMATS as FIGURE_FORMATS
-from utils.runtime import AMP_DTYPES, autocasts, configure, pick_device
+from utils.runtime import AMP_DTYPES, autocasts, close_progress, configure, pick_device
 from utils.training import VALIDATION
 
 _UNSET = object()
@@ -424,6 +424,7 @@ def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentP
     except BaseException as e:
         if previous is not None:  # the cleanup below is not cut short by a second SIGTERM
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        close_progress()
         out = runs.current()
         discarded = runs.discard_failed() if not isinstance(e, SystemExit) else False
         if isinstance(e, ToolkitError):

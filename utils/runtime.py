@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,9 +44,30 @@ def _device(name: str) -> torch.device:
     return device
 
 
+_bars: weakref.WeakSet = weakref.WeakSet()  # the bars `progress` made that are not yet garbage
+
+
+class _Bar(tqdm):
+    """tqdm, registered before its first draw: a signal can arrive after the bar is drawn and before it is returned."""
+
+    def __init__(self, *args, **kwargs):
+        _bars.add(self)
+        super().__init__(*args, **kwargs)
+
+
 def progress(iterable, desc: str, **kwargs) -> tqdm:
     """A transient tqdm bar, shown by rank 0 only under torchrun."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main(), **kwargs)
+    return _Bar(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main(), **kwargs)
+
+
+def close_progress() -> None:
+    """Close the bars still shown (a run cut short by an error or a signal), so that what is printed next starts on
+    a line of its own instead of after a bar's text."""
+    for bar in list(_bars):
+        if hasattr(bar, "last_print_t"):
+            bar.close()  # clears its line (the bars are transient)
+        elif getattr(bar, "sp", None) is not None:  # cut short inside its first draw, which tqdm's close skips
+            bar.fp.write("\n")
 
 
 def batch_for_memory(forward: Callable[[int], object], device: torch.device, fraction: float, default: int,
