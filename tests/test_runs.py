@@ -146,6 +146,17 @@ def test_check_out_refuses_what_start_refuses_and_creates_nothing(tmp_path):
     assert _tree(tmp_path) == before  # checked, not claimed: nothing created, nothing deleted
 
 
+def test_under_torchrun_only_rank_0_checks_the_run_folder(tmp_path, monkeypatch):
+    earlier = tmp_path / "earlier"  # as rank 0 may have claimed it already when another rank reaches its check
+    runs.start(argparse.Namespace(out=earlier, resume=False), "train")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    runs.check_out(argparse.Namespace(out=earlier, resume=False), "train")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ToolkitError, match="already holds a run"):
+        runs.check_out(argparse.Namespace(out=earlier, resume=False), "train")
+
+
 def test_check_out_refuses_an_unwritable_parent(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)

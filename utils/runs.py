@@ -207,7 +207,11 @@ def _check_claimable(out: Path, overwrite: bool, resumable: bool) -> bool:
 def check_out(args: argparse.Namespace, script: str) -> None:
     """Everything `start` would refuse about the run folder (`args.out`: a file, a folder holding other files, an
     earlier run without --overwrite, a parent that is a file or not writable; with --resume, a folder that is not
-    a run), checked without creating, deleting or writing anything: call it before any long work."""
+    a run), checked without creating, deleting or writing anything: call it before any long work. Under torchrun
+    only rank 0 checks: it alone claims the folder (`start`), and another rank checking after that claim (nothing
+    keeps the ranks in step between two scripts of one launch) would refuse the folder just claimed."""
+    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
+        return
     if getattr(args, "resume", False):
         read_record(args.out)
         _check_creatable(args.out)
