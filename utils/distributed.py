@@ -50,7 +50,10 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if initialised() else 0
+    """This process's rank: the process group's, or before joining it the one torchrun gave (0 without torchrun)."""
+    if initialised():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def is_main() -> bool:

@@ -210,7 +210,7 @@ def check_out(args: argparse.Namespace, script: str) -> None:
     a run), checked without creating, deleting or writing anything: call it before any long work. Under torchrun
     only rank 0 checks: it alone claims the folder (`start`), and another rank checking after that claim (nothing
     keeps the ranks in step between two scripts of one launch) would refuse the folder just claimed."""
-    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
+    if not distributed.is_main():
         return
     if getattr(args, "resume", False):
         read_record(args.out)
